@@ -1,0 +1,9 @@
+"""distill_d2: knowledge distillation of object detectors for Detectron2.
+
+Importing the package registers the meta-architectures (``META_ARCH_REGISTRY``)
+and the bundled ``synthetic_train`` / ``synthetic_val`` datasets.
+"""
+from . import data  # noqa: F401  (registers datasets)
+from .config import add_distill_config
+
+__all__ = ["add_distill_config"]

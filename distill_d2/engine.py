@@ -1,0 +1,139 @@
+"""Trainer and command-line set-up shared by train_net.py, the demo and tests."""
+import json
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
+
+from .config import add_distill_config
+from .hooks import KDWeightScheduler, TeacherEvalHook
+
+logger = logging.getLogger(__name__)
+
+
+def build_evaluator(cfg, dataset_name, output_folder=None):
+    """COCOEvaluator or PascalVOCDetectionEvaluator, chosen by ``cfg.TEST.EVALUATOR``.
+
+    "auto" follows the dataset metadata's ``evaluator_type``; "coco" works
+    for any dataset (detectron2 converts it to COCO json on the fly).
+    """
+    kind = cfg.TEST.EVALUATOR
+    if kind == "auto":
+        kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+    if kind == "coco":
+        return COCOEvaluator(dataset_name, output_dir=output_folder, tasks=("bbox",))
+    if kind == "pascal_voc":
+        return PascalVOCDetectionEvaluator(dataset_name)
+    raise ValueError(
+        f"No evaluator for '{kind}' (dataset {dataset_name}): set TEST.EVALUATOR to 'coco' or 'pascal_voc'."
+    )
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with: CPU-safe DDP, evaluators from metadata, KD hooks.
+
+    Multi-process training without CUDA (gloo) needs DDP built without
+    ``device_ids``; detectron2's ``create_ddp_model`` always passes them, so
+    ``__init__`` repeats DefaultTrainer's (otherwise identical) construction.
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        logger_d2 = logging.getLogger("detectron2")
+        if not logger_d2.isEnabledFor(logging.INFO):
+            from detectron2.utils.logger import setup_logger
+
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        if hasattr(model, "setup_teacher"):
+            model.setup_teacher()  # build + check the teacher now: errors surface before training
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        ddp_kwargs = {} if on_cuda else {"device_ids": None}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        model = unwrap(self.model)
+        if getattr(model, "is_distiller", False):
+            # first: lambda must be set before the step's forward
+            ret.insert(0, KDWeightScheduler(self.cfg.DISTILL.DECAY, self.cfg.SOLVER.MAX_ITER))
+            if self.cfg.DISTILL.TEACHER.EVAL_BEFORE_TRAIN:
+                ret.insert(1, TeacherEvalHook(self))
+        return ret
+
+
+def setup_cfg(args):
+    """Config from ``args.config_file`` + ``args.opts`` (teacher path resolved to absolute)."""
+    from .teacher import resolve_config_path
+
+    cfg = get_cfg()
+    add_distill_config(cfg)
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"Config file '{args.config_file}' not found.")
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+        logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu).")
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
+        cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_config_path(
+            cfg.DISTILL.TEACHER.CONFIG_FILE, os.path.dirname(os.path.abspath(args.config_file))
+        )
+    cfg.freeze()
+    return cfg
+
+
+def write_results(cfg, results, name="results.json"):
+    """Write evaluation ``results`` as json to OUTPUT_DIR (main process only)."""
+    if comm.is_main_process() and results:
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, name), "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def main(args):
+    """Entry point of train_net.py (run in every launched process)."""
+    cfg = setup_cfg(args)
+    default_setup(cfg, args)
+    if args.eval_only:
+        if not cfg.MODEL.WEIGHTS and not args.resume:
+            raise ValueError("--eval-only needs weights: pass MODEL.WEIGHTS /path/to/model.pth (or --resume).")
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        write_results(cfg, res, "eval_results.json")
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    res = getattr(trainer, "_last_eval_results", None)
+    write_results(cfg, res)
+    return res

@@ -1,0 +1,179 @@
+"""Building, loading and freezing the teacher, and checking it fits the student.
+
+The teacher is built from its own YAML + weights, frozen (no grad, eval mode
+forever, BN included) and kept *outside* the student's module tree, so it is
+never in the optimizer, in DDP's gradient sync or in the checkpoint.
+"""
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherError(ValueError):
+    """A teacher/student set-up problem; the message says what to change."""
+
+
+def resolve_config_path(path, config_dir=None):
+    """Absolute path of ``path``: tried next to ``config_dir`` first, then from the cwd."""
+    if not path:
+        raise TeacherError(
+            "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's detectron2 YAML."
+        )
+    candidates = [path] if os.path.isabs(path) else []
+    if not candidates:
+        if config_dir:
+            candidates.append(os.path.join(config_dir, path))
+        candidates.append(os.path.abspath(path))
+    for c in candidates:
+        if os.path.isfile(c):
+            return os.path.abspath(c)
+    raise FileNotFoundError(
+        f"Teacher config '{path}' not found (looked at: {', '.join(candidates)}). "
+        "Fix DISTILL.TEACHER.CONFIG_FILE."
+    )
+
+
+def get_teacher_cfg(cfg):
+    """The teacher's config: its YAML, then DISTILL.TEACHER.OPTS, weights override, student device."""
+    from .config import add_distill_config
+
+    tcfg = get_cfg()
+    add_distill_config(tcfg)
+    tcfg.merge_from_file(resolve_config_path(cfg.DISTILL.TEACHER.CONFIG_FILE))
+    tcfg.merge_from_list(list(cfg.DISTILL.TEACHER.OPTS))
+    if cfg.DISTILL.TEACHER.WEIGHTS:
+        tcfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER.WEIGHTS
+    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    if tcfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
+        raise TeacherError(
+            f"The teacher config {cfg.DISTILL.TEACHER.CONFIG_FILE} is itself a distillation config "
+            f"({tcfg.MODEL.META_ARCHITECTURE}); point DISTILL.TEACHER.CONFIG_FILE to the teacher's plain YAML."
+        )
+    tcfg.freeze()
+    return tcfg
+
+
+def load_teacher_weights(model, weights, strict=True):
+    """Load ``weights`` into ``model`` and fail loudly on any mismatch.
+
+    Raises:
+        TeacherError: no weights given, or (``strict``) missing / unexpected /
+            wrongly-shaped keys; the message names the keys.
+        FileNotFoundError: the weights file does not exist.
+    """
+    if not weights:
+        raise TeacherError(
+            "The teacher has no weights: set DISTILL.TEACHER.WEIGHTS (or MODEL.WEIGHTS in the teacher's "
+            "config). Distilling from a randomly initialised teacher is never what you want."
+        )
+    checkpointer = DetectionCheckpointer(model)
+    local = checkpointer.path_manager.get_local_path(weights)
+    if not os.path.isfile(local):
+        raise FileNotFoundError(
+            f"Teacher weights '{weights}' not found. Train the teacher first (train_net.py with the "
+            "teacher's config) or fix DISTILL.TEACHER.WEIGHTS."
+        )
+    logger.info("Loading teacher weights from %s", weights)
+    checkpoint = checkpointer._load_file(local)
+    incompatible = checkpointer._load_model(checkpoint)
+    problems = []
+    if incompatible.incorrect_shapes:
+        problems.append(
+            "wrong shapes: "
+            + ", ".join(f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in incompatible.incorrect_shapes)
+        )
+    if incompatible.missing_keys:
+        problems.append("missing keys: " + ", ".join(incompatible.missing_keys))
+    if incompatible.unexpected_keys:
+        problems.append("unexpected keys: " + ", ".join(incompatible.unexpected_keys))
+    if problems:
+        msg = (
+            f"Teacher checkpoint '{weights}' does not match the teacher model built from its config: "
+            + "; ".join(problems)
+            + ". Check that DISTILL.TEACHER.WEIGHTS belongs to DISTILL.TEACHER.CONFIG_FILE "
+            "(depth, FPN channels, NUM_CLASSES), or set DISTILL.TEACHER.STRICT_LOAD False to only warn."
+        )
+        if strict:
+            raise TeacherError(msg)
+        logger.warning(msg)
+    return incompatible
+
+
+def freeze(model):
+    """Freeze ``model`` for good: no grads, eval mode, and ``.train()`` becomes a no-op."""
+    model.requires_grad_(False)
+    model.eval()
+    model.train = lambda mode=True: model  # keep BN/dropout in eval even if someone calls .train()
+    return model
+
+
+def build_teacher(cfg):
+    """Build, load and freeze the teacher described by ``cfg.DISTILL.TEACHER``."""
+    tcfg = get_teacher_cfg(cfg)
+    model = build_model(tcfg)
+    load_teacher_weights(model, tcfg.MODEL.WEIGHTS, strict=cfg.DISTILL.TEACHER.STRICT_LOAD)
+    n = sum(p.numel() for p in model.parameters())
+    logger.info("Teacher %s built from %s (%.2fM parameters, frozen)", tcfg.MODEL.META_ARCHITECTURE,
+                cfg.DISTILL.TEACHER.CONFIG_FILE, n / 1e6)
+    return freeze(model), tcfg
+
+
+def check_compatible(student, teacher, levels, student_cfg, teacher_cfg):
+    """Abort with a clear message when teacher and student cannot be distilled.
+
+    Checks: number of classes, ``size_divisibility`` and the stride of every
+    distilled feature level (feature maps must align cell by cell).
+    """
+    s_k = _num_classes(student_cfg)
+    t_k = _num_classes(teacher_cfg)
+    if s_k != t_k:
+        raise TeacherError(
+            f"Class-count mismatch: the student predicts {s_k} classes but the teacher {t_k}. "
+            "Distil from a teacher trained on the same label set, or set the same "
+            "MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES in both configs."
+        )
+    s_div, t_div = student.backbone.size_divisibility, teacher.backbone.size_divisibility
+    if s_div != t_div:
+        raise TeacherError(
+            f"size_divisibility mismatch: student pads images to a multiple of {s_div}, the teacher to "
+            f"{t_div}; feature maps would not align. Use backbones with the same padding (e.g. both FPN)."
+        )
+    s_shape, t_shape = student.backbone.output_shape(), teacher.backbone.output_shape()
+    missing = [lv for lv in levels if lv not in s_shape or lv not in t_shape]
+    if missing:
+        raise TeacherError(
+            f"Feature level(s) {missing} requested in DISTILL.FEAT.LEVELS are not produced by both models "
+            f"(student has {sorted(s_shape)}, teacher has {sorted(t_shape)}). Distil only common levels."
+        )
+    bad = [f"{lv} (student stride {s_shape[lv].stride}, teacher {t_shape[lv].stride})"
+           for lv in levels if s_shape[lv].stride != t_shape[lv].stride]
+    if bad:
+        raise TeacherError(
+            "Stride mismatch on feature level(s) " + ", ".join(bad)
+            + ": maps must align cell by cell. Distil only levels of equal stride (DISTILL.FEAT.LEVELS)."
+        )
+
+
+def _num_classes(cfg):
+    if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet"):
+        return cfg.MODEL.RETINANET.NUM_CLASSES
+    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+@torch.no_grad()
+def evaluate_teacher(teacher, teacher_cfg, dataset_names, build_evaluator, build_test_loader):
+    """Run the teacher once on each dataset; returns {dataset: results}."""
+    from detectron2.evaluation import inference_on_dataset
+
+    results = {}
+    for name in dataset_names:
+        loader = build_test_loader(teacher_cfg, name)
+        results[name] = inference_on_dataset(teacher, loader, build_evaluator(teacher_cfg, name))
+        logger.info("Teacher results on %s: %s", name, results[name])
+    return results
