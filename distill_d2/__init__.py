@@ -4,6 +4,7 @@ Importing the package registers the meta-architectures (``META_ARCH_REGISTRY``)
 and the bundled ``synthetic_train`` / ``synthetic_val`` datasets.
 """
 from . import data  # noqa: F401  (registers datasets)
+from . import modeling  # noqa: F401  (registers meta-archs)
 from .config import add_distill_config
 
 __all__ = ["add_distill_config"]

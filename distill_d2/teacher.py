@@ -59,6 +59,16 @@ def get_teacher_cfg(cfg):
     return tcfg
 
 
+class _RecordingCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that keeps the incompatible keys it logs."""
+
+    incompatible = None
+
+    def _log_incompatible_keys(self, incompatible):
+        self.incompatible = incompatible
+        super()._log_incompatible_keys(incompatible)
+
+
 def load_teacher_weights(model, weights, strict=True):
     """Load ``weights`` into ``model`` and fail loudly on any mismatch.
 
@@ -72,7 +82,7 @@ def load_teacher_weights(model, weights, strict=True):
             "The teacher has no weights: set DISTILL.TEACHER.WEIGHTS (or MODEL.WEIGHTS in the teacher's "
             "config). Distilling from a randomly initialised teacher is never what you want."
         )
-    checkpointer = DetectionCheckpointer(model)
+    checkpointer = _RecordingCheckpointer(model)
     local = checkpointer.path_manager.get_local_path(weights)
     if not os.path.isfile(local):
         raise FileNotFoundError(
@@ -80,8 +90,8 @@ def load_teacher_weights(model, weights, strict=True):
             "teacher's config) or fix DISTILL.TEACHER.WEIGHTS."
         )
     logger.info("Loading teacher weights from %s", weights)
-    checkpoint = checkpointer._load_file(local)
-    incompatible = checkpointer._load_model(checkpoint)
+    checkpointer.load(local, checkpointables=[])
+    incompatible = checkpointer.incompatible
     problems = []
     if incompatible.incorrect_shapes:
         problems.append(
@@ -124,7 +134,7 @@ def build_teacher(cfg):
     return freeze(model), tcfg
 
 
-def check_compatible(student, teacher, levels, student_cfg, teacher_cfg):
+def check_compatible(student_backbone, teacher_backbone, levels, student_cfg, teacher_cfg):
     """Abort with a clear message when teacher and student cannot be distilled.
 
     Checks: number of classes, ``size_divisibility`` and the stride of every
@@ -138,13 +148,13 @@ def check_compatible(student, teacher, levels, student_cfg, teacher_cfg):
             "Distil from a teacher trained on the same label set, or set the same "
             "MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES in both configs."
         )
-    s_div, t_div = student.backbone.size_divisibility, teacher.backbone.size_divisibility
+    s_div, t_div = student_backbone.size_divisibility, teacher_backbone.size_divisibility
     if s_div != t_div:
         raise TeacherError(
             f"size_divisibility mismatch: student pads images to a multiple of {s_div}, the teacher to "
             f"{t_div}; feature maps would not align. Use backbones with the same padding (e.g. both FPN)."
         )
-    s_shape, t_shape = student.backbone.output_shape(), teacher.backbone.output_shape()
+    s_shape, t_shape = student_backbone.output_shape(), teacher_backbone.output_shape()
     missing = [lv for lv in levels if lv not in s_shape or lv not in t_shape]
     if missing:
         raise TeacherError(

@@ -1,0 +1,39 @@
+"""Student->teacher feature adapters (one per distilled level).
+
+Adapters are trained with the student, saved in the distillation checkpoint
+under ``kd_adapters.*`` and dropped by ``distill_d2.export``.
+"""
+import torch.nn as nn
+from fvcore.common.registry import Registry
+
+ADAPTER_REGISTRY = Registry("DISTILL_ADAPTER")
+ADAPTER_REGISTRY.__doc__ = "fn(in_channels, out_channels) -> nn.Module mapping (N,Cs,H,W) to (N,Ct,H,W)."
+
+
+@ADAPTER_REGISTRY.register()
+def conv1x1(cin, cout):
+    return nn.Conv2d(cin, cout, kernel_size=1)
+
+
+@ADAPTER_REGISTRY.register()
+def conv3x3(cin, cout):
+    return nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+
+
+@ADAPTER_REGISTRY.register()
+def identity(cin, cout):
+    if cin != cout:
+        raise ValueError(
+            f"DISTILL.FEAT.ADAPTER 'identity' needs equal channels, got student {cin} vs teacher {cout}: "
+            "use 'conv1x1' or 'conv3x3'."
+        )
+    return nn.Identity()
+
+
+def build_adapters(kind, levels, student_channels, teacher_channels):
+    """``nn.ModuleDict`` {level: adapter(student C_l -> teacher C_l)}."""
+    try:
+        fn = ADAPTER_REGISTRY.get(kind)
+    except KeyError:
+        raise ValueError(f"Unknown DISTILL.FEAT.ADAPTER '{kind}'; registered: {sorted(k for k, _ in ADAPTER_REGISTRY)}")
+    return nn.ModuleDict({lv: fn(student_channels[lv], teacher_channels[lv]) for lv in levels})

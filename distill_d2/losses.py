@@ -1,0 +1,135 @@
+"""Distillation loss pieces shared by all methods (plain tensors in, scalars out)."""
+import torch
+import torch.nn.functional as F
+from detectron2.structures import Boxes
+from detectron2.structures.boxes import matched_pairwise_iou
+from fvcore.nn import smooth_l1_loss
+
+
+def masked_feature_loss(student, teacher, masks, norm="fgfi", eps=1e-6):
+    """Mask-weighted imitation of teacher feature maps.
+
+    Args:
+        student: {level: (N, C, H, W)} adapted student features.
+        teacher: {level: (N, C, H, W)} teacher features (no grad).
+        masks: {level: (N, H, W)} weights >= 0.
+        norm: "fgfi": sum_l sum M*(S-T)^2 / (2 * sum_l sum M + eps), channel sum
+            in the numerator only (TAR/FGFI); "mean": per level
+            sum M*(S-T)^2 / (C * N*H*W), averaged over levels.
+    Returns:
+        scalar loss (0 with a graph when the masks are all zero).
+    """
+    num, den, means = 0.0, 0.0, []
+    for lv, s in student.items():
+        t, m = teacher[lv], masks[lv]
+        if s.shape != t.shape:
+            raise ValueError(f"Feature KD level {lv}: student {tuple(s.shape)} vs teacher {tuple(t.shape)} after adapter.")
+        se = ((s - t) ** 2 * m[:, None]).sum()
+        if norm == "fgfi":
+            num = num + se
+            den = den + m.sum()
+        elif norm == "mean":
+            means.append(se / s.numel())
+        else:
+            raise ValueError(f"Unknown DISTILL.FEAT.NORM '{norm}': use 'fgfi' or 'mean'.")
+    if norm == "fgfi":
+        return num / (2 * den + eps)
+    return sum(means) / max(len(means), 1)
+
+
+def kl_rows(student_logits, teacher_logits, temperature=1.0):
+    """Per-row KL(softmax(t/T) || softmax(s/T)) * T^2.
+
+    Args:
+        student_logits, teacher_logits: (R, K+1).
+    Returns:
+        (R,) tensor.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / t, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1) * t * t
+
+
+def teacher_better_cls_gate(student_logits, teacher_logits, gt_classes):
+    """(R,) bool: the teacher's softmax probability of the gt class exceeds the student's."""
+    idx = gt_classes[:, None]
+    p_s = F.softmax(student_logits.detach(), dim=1).gather(1, idx)[:, 0]
+    p_t = F.softmax(teacher_logits, dim=1).gather(1, idx)[:, 0]
+    return p_t > p_s
+
+
+def cls_kd_loss(student_logits, teacher_logits, gt_classes, num_classes, temperature=1.0, rois="positive",
+                gate="none"):
+    """TAR classification KD on the shared RoIs.
+
+    ``T^2 / |R| * sum_{r in R, gate} KL(p_t || p_s)`` where R is the set of
+    positive RoIs (``gt_classes < num_classes``) or all RoIs.
+
+    Returns:
+        (loss, fraction of R passing the gate).
+    """
+    sel = gt_classes < num_classes if rois == "positive" else torch.ones_like(gt_classes, dtype=torch.bool)
+    if rois not in ("positive", "all"):
+        raise ValueError(f"Unknown DISTILL.CLS.ROIS '{rois}': use 'positive' or 'all'.")
+    keep = sel
+    if gate == "teacher_better":
+        keep = sel & teacher_better_cls_gate(student_logits, teacher_logits, gt_classes)
+    elif gate != "none":
+        raise ValueError(f"Unknown DISTILL.CLS.GATE '{gate}': use 'none' or 'teacher_better'.")
+    n = sel.sum()
+    loss = (kl_rows(student_logits, teacher_logits, temperature) * keep).sum() / n.clamp(min=1)
+    frac = (keep.sum() / n.clamp(min=1)).item() if n > 0 else 0.0
+    return loss, frac
+
+
+def class_deltas(deltas, classes):
+    """(R, 4) deltas of ``classes`` from class-specific (R, 4K) or agnostic (R, 4) deltas."""
+    if deltas.shape[1] == 4:
+        return deltas
+    r = deltas.shape[0]
+    return deltas.view(r, -1, 4)[torch.arange(r, device=deltas.device), classes]
+
+
+def box_kd_loss(student_deltas, teacher_deltas, proposals, gt_boxes, gt_classes, num_classes, box2box_transform,
+                gate="teacher_vs_proposal", beta=0.0, normalizer="num_rois"):
+    """TAR box-regression KD on positive RoIs where the teacher localises better.
+
+    Args:
+        student_deltas, teacher_deltas: (R, 4K) or (R, 4) predicted deltas.
+        proposals, gt_boxes: (R, 4) XYXY proposal and matched gt boxes.
+        gt_classes: (R,) in [0, K] (K = background).
+        gate: "teacher_vs_proposal": IoU(decode(d_t), gt) > IoU(proposal, gt);
+            "teacher_vs_student": ... > IoU(decode(d_s), gt); "none".
+        normalizer: "num_rois" (all R, like detectron2's box loss) or "num_gated".
+    Returns:
+        (loss, fraction of positive RoIs passing the gate).
+    """
+    pos = torch.nonzero(gt_classes < num_classes).squeeze(1)
+    if pos.numel() == 0:
+        return student_deltas.sum() * 0.0, 0.0
+    cls = gt_classes[pos]
+    d_s = class_deltas(student_deltas[pos], cls)
+    d_t = class_deltas(teacher_deltas[pos], cls)
+    props, gts = proposals[pos], gt_boxes[pos]
+    if gate == "none":
+        keep = torch.ones(pos.numel(), dtype=torch.bool, device=d_s.device)
+    else:
+        iou_t = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_t, props)), Boxes(gts))
+        if gate == "teacher_vs_proposal":
+            ref = matched_pairwise_iou(Boxes(props), Boxes(gts))
+        elif gate == "teacher_vs_student":
+            ref = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_s.detach(), props)), Boxes(gts))
+        else:
+            raise ValueError(
+                f"Unknown DISTILL.BOX.GATE '{gate}': use teacher_vs_proposal, teacher_vs_student or none."
+            )
+        keep = iou_t > ref
+    per_roi = smooth_l1_loss(d_s, d_t, beta, reduction="none").sum(dim=1) * keep
+    if normalizer == "num_rois":
+        denom = max(gt_classes.numel(), 1)
+    elif normalizer == "num_gated":
+        denom = max(int(keep.sum()), 1)
+    else:
+        raise ValueError(f"Unknown DISTILL.BOX.NORMALIZER '{normalizer}': use num_rois or num_gated.")
+    return per_roi.sum() / denom, keep.float().mean().item()

@@ -1,0 +1,4 @@
+from .distiller import DistillerMixin
+from .rcnn import DistillGeneralizedRCNN
+
+__all__ = ["DistillerMixin", "DistillGeneralizedRCNN"]

@@ -1,0 +1,129 @@
+"""``DistillGeneralizedRCNN``: a GeneralizedRCNN student distilled from a frozen teacher.
+
+Training step (TAR region-proposal sharing):
+  1. student RPN -> proposals -> ``label_and_sample_proposals`` (once);
+  2. the sampled RoIs are pooled by the student's and by the teacher's
+     ``box_pooler`` on their own FPN maps and scored by both box heads;
+  3. detection losses as in GeneralizedRCNN + ``loss_kd_feat``,
+     ``loss_kd_cls``, ``loss_kd_box`` (and ``loss_kd_cls_reverse``), each
+     times its weight and lambda(iter).
+At inference the model is exactly the student (GeneralizedRCNN.inference).
+"""
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.structures import Boxes
+from detectron2.utils.events import EventStorage, get_event_storage
+
+from ..losses import box_kd_loss, cls_kd_loss
+from ..teacher import TeacherError
+from .distiller import DistillerMixin
+
+
+def score_rois(model, features, proposals):
+    """Pool ``proposals`` on ``model``'s own features and run its box head + predictor.
+
+    Returns:
+        (class logits (R, K+1), box deltas (R, 4K) or (R, 4)).
+    """
+    rh = model.roi_heads
+    x = rh.box_pooler([features[f] for f in rh.box_in_features], [p.proposal_boxes for p in proposals])
+    return rh.box_predictor(rh.box_head(x))
+
+
+def _gt_boxes(rois):
+    """(R, 4) matched gt boxes of sampled RoIs (zeros for an image without gt)."""
+    if rois.has("gt_boxes"):
+        return rois.gt_boxes.tensor
+    return rois.proposal_boxes.tensor.new_zeros((len(rois), 4))
+
+
+@META_ARCH_REGISTRY.register()
+class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
+    STUDENT_META_ARCH = "GeneralizedRCNN"
+
+    @configurable
+    def __init__(self, *, cfg, **kwargs):
+        super().__init__(**kwargs)
+        for attr in ("box_pooler", "box_head", "box_predictor", "label_and_sample_proposals"):
+            if not hasattr(self.roi_heads, attr):
+                raise TeacherError(
+                    f"{type(self.roi_heads).__name__} has no '{attr}': DistillGeneralizedRCNN supports "
+                    "StandardROIHeads-style heads (not cascade)."
+                )
+        if getattr(self.roi_heads, "train_on_pred_boxes", False):
+            raise TeacherError("MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported by DistillGeneralizedRCNN.")
+        self._init_distiller(cfg)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["cfg"] = cfg
+        return ret
+
+    def _check_heads(self, teacher):
+        s_t = self.roi_heads.box_predictor.box2box_transform.weights
+        t_t = teacher.roi_heads.box_predictor.box2box_transform.weights
+        if self.distill_cfg.BOX.ENABLED and tuple(s_t) != tuple(t_t):
+            raise TeacherError(
+                f"Box KD compares deltas, but the student encodes boxes with weights {s_t} and the teacher with "
+                f"{t_t}: set the same MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS or disable DISTILL.BOX."
+            )
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.inference(batched_inputs)
+        teacher = self.setup_teacher()
+        dc = self.distill_cfg
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = self.backbone(images.tensor)
+        proposals, losses = self.proposal_generator(images, features, gt_instances)
+        rois = self.roi_heads.label_and_sample_proposals(proposals, gt_instances)
+        s_pred = score_rois(self, features, rois)
+        losses.update(self.roi_heads.box_predictor.losses(s_pred, rois))
+        losses.update(self.roi_heads._forward_mask(features, rois))
+        losses.update(self.roi_heads._forward_keypoint(features, rois))
+        if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
+            self.visualize_training(batched_inputs, proposals)
+
+        need_heads = dc.CLS.ENABLED or dc.BOX.ENABLED
+        with torch.no_grad():
+            t_images = self.teacher_preprocess(batched_inputs, images)
+            t_features = teacher.backbone(t_images.tensor)
+            t_pred = score_rois(teacher, t_features, rois) if need_heads else None
+            if t_pred is not None:
+                self.check_finite("class logits", t_pred[0])
+            if dc.PROPOSALS.REVERSE:
+                t_props, _ = teacher.proposal_generator(t_images, t_features, None)
+                with EventStorage():  # do not log the student's sampling stats twice
+                    t_rois = self.roi_heads.label_and_sample_proposals(t_props, gt_instances)
+
+        kd, scalars = {}, {}
+        if self.kd_levels:
+            kd["loss_kd_feat"] = dc.FEAT.WEIGHT * self.feature_kd_loss(features, t_features, gt_instances)
+        gt_classes = torch.cat([r.gt_classes for r in rois])
+        k = self.roi_heads.num_classes
+        if dc.CLS.ENABLED:
+            loss, frac = cls_kd_loss(s_pred[0], t_pred[0], gt_classes, k, dc.CLS.TEMPERATURE, dc.CLS.ROIS, dc.CLS.GATE)
+            kd["loss_kd_cls"] = dc.CLS.WEIGHT * loss
+            scalars["kd/cls_gate_frac"] = frac
+            if dc.PROPOSALS.REVERSE:
+                s_rev = score_rois(self, features, t_rois)
+                with torch.no_grad():
+                    t_rev = score_rois(teacher, t_features, t_rois)
+                loss, _ = cls_kd_loss(s_rev[0], t_rev[0], torch.cat([r.gt_classes for r in t_rois]), k,
+                                      dc.CLS.TEMPERATURE, dc.CLS.ROIS, dc.CLS.GATE)
+                kd["loss_kd_cls_reverse"] = dc.CLS.WEIGHT * loss
+        if dc.BOX.ENABLED:
+            loss, frac = box_kd_loss(
+                s_pred[1], t_pred[1],
+                Boxes.cat([r.proposal_boxes for r in rois]).tensor,
+                torch.cat([_gt_boxes(r) for r in rois]),
+                gt_classes, k, self.roi_heads.box_predictor.box2box_transform,
+                dc.BOX.GATE, dc.BOX.BETA, dc.BOX.NORMALIZER,
+            )
+            kd["loss_kd_box"] = dc.BOX.WEIGHT * loss
+            scalars["kd/box_gate_frac"] = frac
+        losses.update(self.weigh_kd(kd, scalars))
+        return losses
