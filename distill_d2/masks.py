@@ -21,8 +21,8 @@ def gaussian_mask(boxes, stride, height, width, rho=1.0 / 6.0, truncate=True):
     ``G_k(x, y) = exp(-((x-cx)^2 / (2 (rho w)^2) + (y-cy)^2 / (2 (rho h)^2)))``
     with centre (cx, cy) and size (w, h) of box k in grid units, evaluated at
     cell centres; with ``truncate`` G_k is 0 at cells whose centre lies outside
-    box k, except that a box containing no cell centre keeps the cell holding
-    its centre (so tiny boxes are never dropped). Result: max_k G_k.
+    box k (so a box smaller than a cell may vanish on a coarse level, where its
+    untruncated Gaussian would underflow anyway). Result: max_k G_k.
 
     Args:
         boxes: (K, 4) XYXY in pixels.
@@ -41,8 +41,7 @@ def gaussian_mask(boxes, stride, height, width, rho=1.0 / 6.0, truncate=True):
     dy = (ys[None, :] - cy[:, None]) ** 2 / (2 * (rho * h[:, None]) ** 2)  # (K, H)
     g = torch.exp(-(dy[:, :, None] + dx[:, None, :]))  # (K, H, W)
     if truncate:
-        inside = _inside(b, xs, ys) | _centre_cell(cx, cy, height, width)
-        g = g * inside
+        g = g * _inside(b, xs, ys)
     return g.max(dim=0).values
 
 

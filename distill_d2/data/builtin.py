@@ -58,3 +58,4 @@ def register_voc(name, dirname, split, class_names=None, year=2012):
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     register_pascal_voc(name, dirname, split, year, list(class_names))
+    MetadataCatalog.get(name).evaluator_type = "pascal_voc"

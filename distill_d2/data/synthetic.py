@@ -30,8 +30,14 @@ logger = logging.getLogger(__name__)
 
 SYNTHETIC_CLASSES = ["circle", "ring", "triangle", "square", "star", "cross"]
 GENERATOR_VERSION = 1
-# name -> (number of images, seed); the bundled default dataset.
-DEFAULT_SPLITS = {"synthetic_train": (1000, 1), "synthetic_val": (200, 2)}
+# name -> (number of images, seed): the bundled default dataset, and a tiny
+# version of it for smoke tests and quick schedules.
+DEFAULT_SPLITS = {
+    "synthetic_train": (1000, 1),
+    "synthetic_val": (200, 2),
+    "synthetic_tiny_train": (16, 3),
+    "synthetic_tiny_val": (8, 4),
+}
 IMAGE_SIZE = (256, 256)  # (height, width)
 MIN_VISIBLE_FRACTION = 0.35
 

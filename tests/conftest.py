@@ -1,0 +1,70 @@
+"""Shared fixtures: a private dataset cache, tiny CPU configs, a teacher checkpoint."""
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def datasets_dir(tmp_path_factory):
+    """Generate datasets into a per-session dir, never into the repo."""
+    d = tmp_path_factory.mktemp("datasets")
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = str(d)
+    import distill_d2.data.synthetic as syn
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name in syn.DEFAULT_SPLITS:  # re-register under the new root
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    syn.register_default_synthetic()
+    yield d
+    if old is None:
+        os.environ.pop("DETECTRON2_DATASETS", None)
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYN = os.path.join(REPO, "configs", "synthetic")
+
+# Tiny, fast overrides for any synthetic config: small images and heads.
+TINY_OPTS = [
+    "DATASETS.TRAIN", "('synthetic_tiny_train',)",
+    "DATASETS.TEST", "('synthetic_tiny_val',)",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.STEPS", "()",
+    "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.DEVICE", "cpu",
+    # untrained models score low: keep their detections so COCO AP is a number
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+]
+
+
+def tiny_cfg(config_file, *opts):
+    """Load a config with TINY_OPTS + ``opts`` (strings) through train_net's set-up."""
+    from argparse import Namespace
+
+    from distill_d2.engine import setup_cfg
+
+    path = config_file if os.path.isabs(config_file) else os.path.join(SYN, config_file)
+    return setup_cfg(Namespace(config_file=path, opts=TINY_OPTS + [str(o) for o in opts]))
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory):
+    """A (randomly initialised) R50 teacher checkpoint of the synthetic teacher config."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    d = tmp_path_factory.mktemp("teacher")
+    cfg = tiny_cfg("faster_rcnn_R50_teacher.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    DetectionCheckpointer(model, save_dir=str(d)).save("model_final")
+    return str(d / "model_final.pth")
