@@ -12,14 +12,16 @@ def datasets_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("datasets")
     old = os.environ.get("DETECTRON2_DATASETS")
     os.environ["DETECTRON2_DATASETS"] = str(d)
-    import distill_d2.data.synthetic as syn
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    for name in syn.DEFAULT_SPLITS:  # re-register under the new root
-        if name in DatasetCatalog.list():
+    from distill_d2.data import register_builtin_voc, register_default_synthetic
+
+    for name in DatasetCatalog.list():  # re-register the builtins under the new root
+        if name.startswith(("synthetic_", "bccd_")):
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-    syn.register_default_synthetic()
+    register_default_synthetic()
+    register_builtin_voc()
     yield d
     if old is None:
         os.environ.pop("DETECTRON2_DATASETS", None)

@@ -105,3 +105,12 @@ def test_voc_missing_folder_is_a_clear_error(tmp_path):
         os.makedirs(tmp_path / "v" / "Annotations")
         os.makedirs(tmp_path / "v" / "JPEGImages")
         register_voc("broken_voc", str(tmp_path / "v"), "train")
+
+
+def test_builtin_bccd_registration(datasets_dir):
+    root = os.path.join(str(datasets_dir), "BCCD")
+    _write_voc(root, ["RBC", "WBC", "Platelets"], n=3)
+    meta = MetadataCatalog.get("bccd_train")
+    assert meta.dirname == root and meta.thing_classes == ["RBC", "WBC", "Platelets"]
+    assert meta.evaluator_type == "pascal_voc"
+    assert len(DatasetCatalog.get("bccd_train")) == 3

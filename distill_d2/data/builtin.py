@@ -59,3 +59,23 @@ def register_voc(name, dirname, split, class_names=None, year=2012):
         MetadataCatalog.remove(name)
     register_pascal_voc(name, dirname, split, year, list(class_names))
     MetadataCatalog.get(name).evaluator_type = "pascal_voc"
+
+
+# VOC-layout datasets expected under $DETECTRON2_DATASETS (like detectron2's
+# builtin voc_2007_*): name prefix -> (folder, class names).
+BUILTIN_VOC = {"bccd": ("BCCD", ["RBC", "WBC", "Platelets"])}
+
+
+def register_builtin_voc(root=None):
+    """Register ``bccd_{train,val,trainval,test}`` at ``$DETECTRON2_DATASETS/BCCD``.
+
+    Registration is lazy: nothing is read until the dataset is used, so a
+    missing folder only matters (with detectron2's FileNotFoundError) then.
+    """
+    root = root or os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+    for prefix, (folder, classes) in BUILTIN_VOC.items():
+        for split in ("train", "val", "trainval", "test"):
+            name = f"{prefix}_{split}"
+            if name not in DatasetCatalog.list():
+                register_pascal_voc(name, os.path.join(root, folder), split, 2012, classes)
+                MetadataCatalog.get(name).evaluator_type = "pascal_voc"
