@@ -3,6 +3,7 @@
 Adapters are trained with the student, saved in the distillation checkpoint
 under ``kd_adapters.*`` and dropped by ``distill_d2.export``.
 """
+import torch
 import torch.nn as nn
 from fvcore.common.registry import Registry
 
@@ -18,6 +19,22 @@ def conv1x1(cin, cout):
 @ADAPTER_REGISTRY.register()
 def conv3x3(cin, cout):
     return nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+
+
+@ADAPTER_REGISTRY.register()
+def conv3x3_defeat(cin, cout):
+    """DeFeat's neck adapter: 3x3 conv, weights ~ N(0,1) truncated at 2 std, x 1e-4; default bias."""
+    conv = nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+    with torch.no_grad():
+        nn.init.trunc_normal_(conv.weight, mean=0.0, std=1.0, a=-2.0, b=2.0)
+        conv.weight.mul_(1e-4)
+    return conv
+
+
+@ADAPTER_REGISTRY.register()
+def conv3x3_relu(cin, cout):
+    """3x3 conv + ReLU (DeFeat's backbone adapter)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=3, padding=1), nn.ReLU(inplace=True))
 
 
 @ADAPTER_REGISTRY.register()

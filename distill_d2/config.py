@@ -50,18 +50,27 @@ def add_distill_config(cfg):
     # models with equal stride).
     _C.FEAT.LEVELS = ["p2", "p3", "p4", "p5", "p6"]
     # Spatial weight mask (MASK_REGISTRY): "gaussian" (TAR), "box" (1 inside
-    # gt boxes), "full" (all ones: FitNet-style full-map imitation).
+    # gt boxes), "full" (all ones: FitNet-style full-map imitation), "defeat"
+    # (each box on one level by its size, DeFeat).
     _C.FEAT.MASK = "gaussian"
     # Gaussian std as a fraction of the box size in each axis [choice: 1/6].
     _C.FEAT.GAUSSIAN_RHO = 1.0 / 6.0
     # Zero the Gaussian outside its box [choice: True].
     _C.FEAT.GAUSSIAN_TRUNCATE = True
     # Loss normalisation [choice]: "fgfi": sum_l sum M*d^2 / (2*sum_l sum M + eps)
-    # (TAR/FGFI); "mean": mean over all mask-weighted elements of each level,
-    # averaged over levels.
+    # (TAR/FGFI) -> loss_kd_feat; "mean": mean over all mask-weighted elements
+    # of each level, averaged over levels -> loss_kd_feat; "decoupled" (DeFeat):
+    # per level sum M*d^2 / max(1, 2*C*sum M) and the same with 1-M, averaged
+    # over levels -> loss_kd_feat_fg * FG_WEIGHT, loss_kd_feat_bg * BG_WEIGHT.
     _C.FEAT.NORM = "fgfi"
+    # DeFeat foreground / background weights (3/12 VOC-style, 4/16 COCO-style).
+    _C.FEAT.FG_WEIGHT = 4.0
+    _C.FEAT.BG_WEIGHT = 16.0
+    # DeFeat level rule: level = floor(log2(sqrt((w+1)(h+1)) / this + 1e-6)), clamped.
+    _C.FEAT.DEFEAT_CANONICAL_SIZE = 56.0
     # Student->teacher channel adapter per level (ADAPTER_REGISTRY):
-    # "conv1x1", "conv3x3", "identity" (needs equal channels).
+    # "conv1x1", "conv3x3", "conv3x3_defeat" (DeFeat's ~1e-4 init),
+    # "conv3x3_relu", "identity" (needs equal channels).
     _C.FEAT.ADAPTER = "conv1x1"
 
     # ------------------------------------------------ classification head KD

@@ -37,6 +37,26 @@ def masked_feature_loss(student, teacher, masks, norm="fgfi", eps=1e-6):
     return sum(means) / max(len(means), 1)
 
 
+def decoupled_feature_loss(student, teacher, masks):
+    """DeFeat's decoupled imitation, pooled over the local batch.
+
+    Per level ``fg_l = sum M (S-T)^2 / max(1, 2 C sum M)`` and ``bg_l`` the same
+    with ``1 - M`` (M broadcast over the C channels, sums over N, H, W).
+
+    Args: as :func:`masked_feature_loss`, masks binary.
+    Returns:
+        (mean_l fg_l, mean_l bg_l), unweighted.
+    """
+    fg, bg = [], []
+    for lv, s in student.items():
+        t, m = teacher[lv], masks[lv][:, None]
+        c = s.shape[1]
+        se = (s - t) ** 2
+        fg.append((se * m).sum() / (2 * c * m.sum()).clamp(min=1))
+        bg.append((se * (1 - m)).sum() / (2 * c * (1 - m).sum()).clamp(min=1))
+    return sum(fg) / len(fg), sum(bg) / len(bg)
+
+
 def kl_rows(student_logits, teacher_logits, temperature=1.0):
     """Per-row KL(softmax(t/T) || softmax(s/T)) * T^2.
 

@@ -86,6 +86,7 @@ def box_mask(boxes, stride, height, width):
 
 @MASK_REGISTRY.register()
 def box(gt_boxes, level_shapes, cfg):
+    """Binary gt-box mask on every level."""
     return {lv: torch.stack([box_mask(b, s, h, w) for b in gt_boxes]) for lv, (s, h, w) in level_shapes.items()}
 
 
@@ -104,3 +105,47 @@ def build_masks(name, gt_boxes, level_shapes, cfg):
     except KeyError:
         raise ValueError(f"Unknown DISTILL.FEAT.MASK '{name}'; registered: {sorted(k for k, _ in MASK_REGISTRY)}")
     return fn(gt_boxes, level_shapes, cfg)
+
+
+def defeat_levels(boxes, num_levels, canonical=56.0):
+    """DeFeat's level of each box (index 0 = finest distilled level).
+
+    ``s = sqrt((w+1)(h+1))``, ``level = clamp(floor(log2(s/canonical + 1e-6)), 0, L-1)``.
+
+    Args:
+        boxes: (K, 4) XYXY pixels.
+    Returns:
+        (K,) long tensor.
+    """
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    s = torch.sqrt((w + 1) * (h + 1))
+    return torch.floor(torch.log2(s / canonical + 1e-6)).clamp(0, num_levels - 1).long()
+
+
+@MASK_REGISTRY.register()
+def defeat(gt_boxes, level_shapes, cfg):
+    """DeFeat's binary decoupled mask: each box on its single level (official code).
+
+    On its level (stride s) a box covers rows [floor(y1/s), floor(y2/s)) and
+    cols [floor(x1/s), floor(x2/s)); a box collapsing to zero width or height
+    marks the single cell (floor(y1/s), floor(x1/s)). Levels are taken in
+    ``level_shapes`` order (finest first).
+    """
+    names = list(level_shapes)
+    out = {}
+    for lv in names:
+        s, h, w = level_shapes[lv]
+        ref = gt_boxes[0] if gt_boxes else torch.zeros(0)
+        out[lv] = ref.new_zeros((len(gt_boxes), h, w))
+    for n, boxes in enumerate(gt_boxes):
+        if boxes.numel() == 0:
+            continue
+        levels = defeat_levels(boxes, len(names), cfg.DEFEAT_CANONICAL_SIZE)
+        for b, li in zip(boxes.tolist(), levels.tolist()):
+            s, h, w = level_shapes[names[li]]
+            x0, y0, x1, y1 = (int(v // s) for v in b)
+            if x1 <= x0 or y1 <= y0:
+                out[names[li]][n, min(y0, h - 1), min(x0, w - 1)] = 1.0
+            else:
+                out[names[li]][n, y0:y1, x0:x1] = 1.0
+    return out

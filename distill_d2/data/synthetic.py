@@ -1,8 +1,9 @@
 """A bundled, generated detection dataset ("synthetic shapes").
 
-Six shape classes drawn with random colour, rotation and size (about 8 to 140
-px on a 256x256 image, so COCO small/medium/large all occur), on varied
-backgrounds (gradients, low-frequency noise, stripes, checkerboards), with
+Six shape classes drawn with random colour (contrasting with what lies
+under them), rotation and size (about 10 to 128 px on a 256x256 image, so
+COCO small/medium/large all occur), on varied backgrounds (gradients,
+low-frequency noise, low-contrast stripes and checkerboards), with
 unlabelled clutter (lines, irregular blobs) and occlusion between objects. Box
 annotations are the *visible* extent of each object (objects less than 35%
 visible are dropped). The ``ring`` vs ``circle`` and ``square`` vs ``cross``
@@ -29,7 +30,7 @@ from detectron2.data.datasets import load_coco_json
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_CLASSES = ["circle", "ring", "triangle", "square", "star", "cross"]
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 # name -> (number of images, seed): the bundled default dataset, and a tiny
 # version of it for smoke tests and quick schedules.
 DEFAULT_SPLITS = {
@@ -43,30 +44,39 @@ MIN_VISIBLE_FRACTION = 0.35
 
 
 def _background(rng, h, w):
+    """(h, w, 3) float32 background: gradient, low-frequency noise, or low-contrast stripes/checkerboard."""
     kind = rng.integers(4)
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    c0 = rng.uniform(0, 255, 3)
+    c1 = np.clip(c0 + rng.normal(0, 60, 3), 0, 255)
+    yy, xx = np.mgrid[0:h, 0:w]
     if kind == 0:  # linear gradient in a random direction
         ang = rng.uniform(0, 2 * np.pi)
-        yy, xx = np.mgrid[0:h, 0:w]
         t = (np.cos(ang) * xx + np.sin(ang) * yy) / (h + w) + 0.5
         img = c0 * (1 - t[..., None]) + c1 * t[..., None]
     elif kind == 1:  # low-frequency colour noise
-        g = rng.integers(3, 9)
-        small = rng.uniform(0, 255, (g, g, 3)).astype(np.float32)
+        g = rng.integers(2, 6)
+        small = (c0 + rng.normal(0, 50, (g, g, 3))).astype(np.float32)
         img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-    elif kind == 2:  # stripes
-        period = rng.integers(6, 40)
-        yy, xx = np.mgrid[0:h, 0:w]
+    elif kind == 2:  # low-contrast stripes
+        period = rng.integers(8, 40)
         ang = rng.uniform(0, np.pi)
         t = ((np.cos(ang) * xx + np.sin(ang) * yy) // period) % 2
-        img = np.where(t[..., None] > 0, c0, c1 * 0.5 + c0 * 0.5)
-    else:  # checkerboard
-        cell = rng.integers(8, 48)
-        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.where(t[..., None] > 0, c0, c0 * 0.6 + c1 * 0.4)
+    else:  # low-contrast checkerboard
+        cell = rng.integers(10, 48)
         t = ((yy // cell) + (xx // cell)) % 2
-        img = np.where(t[..., None] > 0, c0, c1)
-    img = img + rng.normal(0, rng.uniform(2, 14), (h, w, 3))
+        img = np.where(t[..., None] > 0, c0, c0 * 0.6 + c1 * 0.4)
+    img = img + rng.normal(0, rng.uniform(2, 10), (h, w, 3))
     return np.clip(img, 0, 255).astype(np.float32)
+
+
+def _contrasting_colour(rng, background):
+    """A random colour at least ~90 (L2, 0..255 RGB) away from ``background`` (3,)."""
+    for _ in range(20):
+        c = rng.uniform(0, 255, 3)
+        if np.linalg.norm(c - background) > 90:
+            return c
+    return 255.0 - background
 
 
 def _regular_polygon(cx, cy, r, n, rot, inner=None):
@@ -106,15 +116,16 @@ def _draw_shape(mask, cls, cx, cy, r, rot, rng):
 
 
 def _clutter(img, rng, h, w):
-    for _ in range(rng.integers(0, 6)):  # lines
+    """Unlabelled distractors: thin lines and small irregular blobs (not a class)."""
+    for _ in range(rng.integers(0, 4)):
         p1 = tuple(int(v) for v in rng.integers(0, [w, h]))
         p2 = tuple(int(v) for v in rng.integers(0, [w, h]))
-        cv2.line(img, p1, p2, tuple(float(c) for c in rng.uniform(0, 255, 3)), int(rng.integers(1, 4)))
-    for _ in range(rng.integers(0, 5)):  # irregular blobs: not a class
-        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4, 30)
-        n = rng.integers(5, 9)
+        cv2.line(img, p1, p2, tuple(float(c) for c in rng.uniform(0, 255, 3)), int(rng.integers(1, 3)))
+    for _ in range(rng.integers(0, 4)):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4, 20)
+        n = rng.integers(6, 10)
         ang = np.sort(rng.uniform(0, 2 * np.pi, n))
-        rad = r * rng.uniform(0.3, 1.0, n)
+        rad = r * rng.uniform(0.4, 1.0, n)
         pts = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).astype(np.int32)
         cv2.fillPoly(img, [pts], tuple(float(c) for c in rng.uniform(0, 255, 3)))
 
@@ -133,15 +144,15 @@ def render_image(rng, height=IMAGE_SIZE[0], width=IMAGE_SIZE[1]):
     n = int(rng.integers(2, 9))
     for _ in range(n):
         cls_id = int(rng.integers(len(SYNTHETIC_CLASSES)))
-        # log-uniform radius: ~4..70 px -> boxes from ~8 to ~140 px
-        r = float(np.exp(rng.uniform(np.log(4.0), np.log(70.0))))
+        # log-uniform radius: 5..64 px -> boxes from ~10 to ~128 px
+        r = float(np.exp(rng.uniform(np.log(5.0), np.log(64.0))))
         cx, cy = rng.uniform(-0.3 * r, width + 0.3 * r), rng.uniform(-0.3 * r, height + 0.3 * r)
         mask = np.zeros((height, width), np.uint8)
         _draw_shape(mask, SYNTHETIC_CLASSES[cls_id], cx, cy, r, rng.uniform(0, 2 * np.pi), rng)
         m = mask.astype(bool)
         if m.sum() < 12:
             continue
-        color = rng.uniform(0, 255, 3)
+        color = _contrasting_colour(rng, img[m].mean(axis=0))
         if rng.uniform() < 0.3:  # textured fill
             shade = rng.uniform(0.6, 1.0, (height, width, 1))
             img[m] = (color * shade)[m]

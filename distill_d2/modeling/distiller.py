@@ -12,7 +12,7 @@ from detectron2.modeling import build_backbone
 from detectron2.utils.events import get_event_storage
 
 from ..adapters import build_adapters
-from ..losses import masked_feature_loss
+from ..losses import decoupled_feature_loss, masked_feature_loss
 from ..masks import build_masks
 from ..teacher import TeacherError, build_teacher, check_compatible, get_teacher_cfg
 
@@ -44,6 +44,7 @@ class DistillerMixin:
         self.kd_levels = list(feat.LEVELS) if feat.ENABLED else []
         check_compatible(self.backbone, t_backbone, self.kd_levels, cfg, self.teacher_cfg)
         s_shapes = self.backbone.output_shape()
+        self.kd_levels.sort(key=lambda lv: s_shapes[lv].stride)  # finest first (DeFeat's level index)
         if self.kd_levels:
             self.kd_adapters = build_adapters(
                 feat.ADAPTER, self.kd_levels,
@@ -96,13 +97,24 @@ class DistillerMixin:
         return t_images
 
     # ------------------------------------------------------------ feature KD
-    def feature_kd_loss(self, s_features, t_features, gt_instances):
-        """Feature imitation on ``kd_levels`` under DISTILL.FEAT.MASK; scalar (unweighted by lambda)."""
+    def feature_kd_losses(self, s_features, t_features, gt_instances):
+        """Feature imitation on ``kd_levels`` under DISTILL.FEAT.MASK.
+
+        Returns:
+            {"loss_kd_feat": scalar} or, with NORM "decoupled",
+            {"loss_kd_feat_fg", "loss_kd_feat_bg"}; weighted by the config
+            weights but not by lambda.
+        """
         feat = self.distill_cfg.FEAT
         shapes = {lv: (self._kd_strides[lv], *s_features[lv].shape[-2:]) for lv in self.kd_levels}
         masks = build_masks(feat.MASK, [x.gt_boxes.tensor for x in gt_instances], shapes, feat)
         adapted = {lv: self.kd_adapters[lv](s_features[lv]) for lv in self.kd_levels}
-        return masked_feature_loss(adapted, {lv: t_features[lv] for lv in self.kd_levels}, masks, feat.NORM)
+        target = {lv: t_features[lv] for lv in self.kd_levels}
+        if feat.NORM == "decoupled":
+            fg, bg = decoupled_feature_loss(adapted, target, masks)
+            return {"loss_kd_feat_fg": feat.WEIGHT * feat.FG_WEIGHT * fg,
+                    "loss_kd_feat_bg": feat.WEIGHT * feat.BG_WEIGHT * bg}
+        return {"loss_kd_feat": feat.WEIGHT * masked_feature_loss(adapted, target, masks, feat.NORM)}
 
     @staticmethod
     def check_finite(name, tensor):

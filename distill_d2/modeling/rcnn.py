@@ -101,7 +101,7 @@ class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
 
         kd, scalars = {}, {}
         if self.kd_levels:
-            kd["loss_kd_feat"] = dc.FEAT.WEIGHT * self.feature_kd_loss(features, t_features, gt_instances)
+            kd.update(self.feature_kd_losses(features, t_features, gt_instances))
         gt_classes = torch.cat([r.gt_classes for r in rois])
         k = self.roi_heads.num_classes
         if dc.CLS.ENABLED:
