@@ -74,12 +74,17 @@ def add_distill_config(cfg):
     _C.FEAT.ADAPTER = "conv1x1"
 
     # ------------------------------------------------ classification head KD
+    # (Faster R-CNN: softmax KL on RoIs; RetinaNet: sigmoid binary KL on the
+    # shared anchors, normalised by the number of foreground anchors.) Head KD
+    # needs a teacher of the same family; for cross-family pairs it is
+    # switched off with a log line and only feature KD runs.
     _C.CLS = CN()
     _C.CLS.ENABLED = True
     _C.CLS.WEIGHT = 1.0
     # Softmax temperature T (loss is scaled by T^2) [choice: 1].
     _C.CLS.TEMPERATURE = 1.0
-    # RoIs the KL is applied to: "positive" (TAR) or "all" (Hinton-style).
+    # RoIs the KL is applied to: "positive" (TAR) or "all" (Hinton-style);
+    # RetinaNet always uses all anchors not ignored by its matcher.
     _C.CLS.ROIS = "positive"
     # TAR "adaptive" gate [choice, off]: only RoIs where the teacher's
     # probability of the gt class exceeds the student's. "none" | "teacher_better".
@@ -96,8 +101,35 @@ def add_distill_config(cfg):
     # smooth-L1 beta between student and teacher deltas (0 = L1).
     _C.BOX.BETA = 0.0
     # Divide the summed loss by "num_rois" (all sampled RoIs, like detectron2's
-    # box loss) or "num_gated" (RoIs passing the gate) [choice: num_rois].
-    _C.BOX.NORMALIZER = "num_rois"
+    # box loss), "num_pos" (positive RoIs/anchors, like RetinaNet's loss),
+    # "num_gated" (those passing the gate) or "auto" (num_rois for Faster
+    # R-CNN, num_pos for RetinaNet) [choice].
+    _C.BOX.NORMALIZER = "auto"
+
+    # ------------------------------------- DeFeat decoupled proposals (R-CNN)
+    # The teacher's own RPN proposals, sampled by the teacher's sampler (its
+    # ROI_HEADS.BATCH_SIZE_PER_IMAGE / POSITIVE_FRACTION, gt appended), scored by
+    # both box heads; separate KL terms on the teacher's fg and bg RoIs, each
+    # averaged over its RoIs, x T^2 -> loss_kd_cls_fg, loss_kd_cls_bg. Off by
+    # default (the paper's authors are ambiguous about using it).
+    _C.DEFEAT_CLS = CN()
+    _C.DEFEAT_CLS.ENABLED = False
+    _C.DEFEAT_CLS.FG_WEIGHT = 2.0
+    _C.DEFEAT_CLS.BG_WEIGHT = 2.0
+    _C.DEFEAT_CLS.TEMPERATURE = 1.0
+    # Separate background temperature [choice]; <= 0 means TEMPERATURE.
+    _C.DEFEAT_CLS.BG_TEMPERATURE = -1.0
+
+    # ---------------------------------------- backbone (bottom-up) feature KD
+    # DeFeat's optional decoupled backbone KD: one mask from all gt boxes on
+    # the stride-4 grid (floor rule), nearest-resized to each level, loss as
+    # FEAT.NORM "decoupled" -> loss_kd_backbone_fg / _bg. Off by default.
+    _C.BACKBONE = CN()
+    _C.BACKBONE.ENABLED = False
+    _C.BACKBONE.LEVELS = ["res3", "res4", "res5"]
+    _C.BACKBONE.ADAPTER = "conv3x3_relu"
+    _C.BACKBONE.FG_WEIGHT = 4.0
+    _C.BACKBONE.BG_WEIGHT = 16.0
 
     # ------------------------------------------------------- KD weight decay
     _C.DECAY = CN()

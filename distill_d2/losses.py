@@ -118,14 +118,15 @@ def box_kd_loss(student_deltas, teacher_deltas, proposals, gt_boxes, gt_classes,
     Args:
         student_deltas, teacher_deltas: (R, 4K) or (R, 4) predicted deltas.
         proposals, gt_boxes: (R, 4) XYXY proposal and matched gt boxes.
-        gt_classes: (R,) in [0, K] (K = background).
         gate: "teacher_vs_proposal": IoU(decode(d_t), gt) > IoU(proposal, gt);
             "teacher_vs_student": ... > IoU(decode(d_s), gt); "none".
-        normalizer: "num_rois" (all R, like detectron2's box loss) or "num_gated".
+        gt_classes: (R,) in [0, K] (K = background); -1 (ignored anchors) is skipped.
+        normalizer: "num_rois" (all R, like detectron2's box loss), "num_pos"
+            (positive RoIs/anchors, like RetinaNet's) or "num_gated".
     Returns:
         (loss, fraction of positive RoIs passing the gate).
     """
-    pos = torch.nonzero(gt_classes < num_classes).squeeze(1)
+    pos = torch.nonzero((gt_classes >= 0) & (gt_classes < num_classes)).squeeze(1)
     if pos.numel() == 0:
         return student_deltas.sum() * 0.0, 0.0
     cls = gt_classes[pos]
@@ -148,8 +149,49 @@ def box_kd_loss(student_deltas, teacher_deltas, proposals, gt_boxes, gt_classes,
     per_roi = smooth_l1_loss(d_s, d_t, beta, reduction="none").sum(dim=1) * keep
     if normalizer == "num_rois":
         denom = max(gt_classes.numel(), 1)
+    elif normalizer == "num_pos":
+        denom = max(pos.numel(), 1)
     elif normalizer == "num_gated":
         denom = max(int(keep.sum()), 1)
     else:
-        raise ValueError(f"Unknown DISTILL.BOX.NORMALIZER '{normalizer}': use num_rois or num_gated.")
+        raise ValueError(f"Unknown DISTILL.BOX.NORMALIZER '{normalizer}': use num_rois, num_pos or num_gated.")
     return per_roi.sum() / denom, keep.float().mean().item()
+
+
+def sigmoid_kd_loss(student_logits, teacher_logits, valid, normalizer, temperature=1.0):
+    """Dense (RetinaNet) classification KD on sigmoid outputs.
+
+    Soft binary cross-entropy of the student's per-class sigmoid to the
+    teacher's probabilities, minus the teacher's own entropy (so it is the
+    binary KL: 0 when they agree; same gradient as plain soft BCE), times T^2,
+    summed over ``valid`` anchors and classes, divided by ``normalizer``.
+
+    Args:
+        student_logits, teacher_logits: (N, R, K).
+        valid: (N, R) bool (anchors not ignored by the matcher).
+        normalizer: number of foreground anchors (>= 1).
+    """
+    t = temperature
+    s, q = student_logits[valid] / t, teacher_logits[valid] / t
+    p_t = torch.sigmoid(q)
+    kl = F.binary_cross_entropy_with_logits(s, p_t, reduction="none") - F.binary_cross_entropy_with_logits(
+        q, p_t, reduction="none")
+    return kl.sum() * t * t / max(normalizer, 1)
+
+
+def decoupled_kl_loss(student_logits, teacher_logits, labels, num_classes, temperature=1.0, bg_temperature=None):
+    """DeFeat's decoupled-proposal KD: separate KL terms on foreground and background RoIs.
+
+    Each is ``T^2 * mean KL(p_t || p_s)`` over its own RoIs (0 when there are none).
+
+    Args:
+        labels: (R,) the teacher's RoI labels in [0, K] (K = background).
+    Returns:
+        (fg loss, bg loss).
+    """
+    fg = labels < num_classes
+    bg_t = temperature if bg_temperature is None or bg_temperature <= 0 else bg_temperature
+    rows_fg = kl_rows(student_logits[fg], teacher_logits[fg], temperature)
+    rows_bg = kl_rows(student_logits[~fg], teacher_logits[~fg], bg_t)
+    zero = student_logits.sum() * 0.0
+    return (rows_fg.mean() if rows_fg.numel() else zero), (rows_bg.mean() if rows_bg.numel() else zero)

@@ -141,11 +141,38 @@ def defeat(gt_boxes, level_shapes, cfg):
         if boxes.numel() == 0:
             continue
         levels = defeat_levels(boxes, len(names), cfg.DEFEAT_CANONICAL_SIZE)
-        for b, li in zip(boxes.tolist(), levels.tolist()):
-            s, h, w = level_shapes[names[li]]
-            x0, y0, x1, y1 = (int(v // s) for v in b)
-            if x1 <= x0 or y1 <= y0:
-                out[names[li]][n, min(y0, h - 1), min(x0, w - 1)] = 1.0
-            else:
-                out[names[li]][n, y0:y1, x0:x1] = 1.0
+        for li, lv in enumerate(names):
+            s, h, w = level_shapes[lv]
+            sel = boxes[levels == li]
+            if len(sel):
+                out[lv][n] = floor_box_mask(sel, s, h, w)
     return out
+
+
+def floor_box_mask(boxes, stride, height, width):
+    """(height, width) binary mask by DeFeat's floor rule for all ``boxes`` on one grid."""
+    m = boxes.new_zeros((height, width))
+    for b in boxes.tolist():
+        x0, y0, x1, y1 = (int(v // stride) for v in b)
+        if x1 <= x0 or y1 <= y0:
+            m[min(y0, height - 1), min(x0, width - 1)] = 1.0
+        else:
+            m[y0:y1, x0:x1] = 1.0
+    return m
+
+
+def defeat_backbone_masks(gt_boxes, level_shapes, base_stride=4):
+    """DeFeat's backbone mask: all gt boxes on the stride-4 grid, nearest-resized to each level.
+
+    Args:
+        gt_boxes: list of (K_i, 4) XYXY pixel boxes.
+        level_shapes: {level: (stride, H_l, W_l)}.
+    Returns:
+        {level: (N, H_l, W_l)} binary masks.
+    """
+    import torch.nn.functional as F
+
+    s0, h0, w0 = min(level_shapes.values())
+    h0, w0 = h0 * s0 // base_stride, w0 * s0 // base_stride
+    base = torch.stack([floor_box_mask(b, base_stride, h0, w0) for b in gt_boxes])[:, None]
+    return {lv: F.interpolate(base, size=(h, w), mode="nearest")[:, 0] for lv, (s, h, w) in level_shapes.items()}

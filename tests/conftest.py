@@ -58,15 +58,28 @@ def tiny_cfg(config_file, *opts):
 
 
 @pytest.fixture(scope="session")
-def teacher_ckpt(tmp_path_factory):
-    """A (randomly initialised) R50 teacher checkpoint of the synthetic teacher config."""
+def make_ckpt(tmp_path_factory):
+    """``make_ckpt(config, *opts)``: path of a randomly initialised checkpoint of that config (cached)."""
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    d = tmp_path_factory.mktemp("teacher")
-    cfg = tiny_cfg("faster_rcnn_R50_teacher.yaml")
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    DetectionCheckpointer(model, save_dir=str(d)).save("model_final")
-    return str(d / "model_final.pth")
+    cache = {}
+
+    def make(config, *opts):
+        key = (config,) + tuple(opts)
+        if key not in cache:
+            d = tmp_path_factory.mktemp("ckpt")
+            torch.manual_seed(0)
+            model = build_model(tiny_cfg(config, *opts))
+            DetectionCheckpointer(model, save_dir=str(d)).save("model_final")
+            cache[key] = str(d / "model_final.pth")
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(make_ckpt):
+    """A (randomly initialised) R50 Faster R-CNN teacher checkpoint of the synthetic teacher config."""
+    return make_ckpt("faster_rcnn_R50_teacher.yaml")

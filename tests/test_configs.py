@@ -30,10 +30,15 @@ def test_every_config_loads(path):
         assert os.path.isabs(cfg.DISTILL.TEACHER.CONFIG_FILE) and os.path.isfile(cfg.DISTILL.TEACHER.CONFIG_FILE)
 
 
-def test_full_size_coco_tar_preset_builds():
-    cfg = setup_cfg(Namespace(config_file=os.path.join(REPO, "configs", "COCO-Detection", "tar_R101_to_R50_FPN_1x.yaml"),
-                              opts=["MODEL.DEVICE", "cpu"]))
+COCO_PRESETS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "COCO-Detection", "*.yaml"))
+                      if os.path.basename(p).startswith(("tar_", "defeat_")))
+
+
+@pytest.mark.parametrize("path", COCO_PRESETS, ids=os.path.basename)
+def test_full_size_coco_presets_build(path):
+    cfg = setup_cfg(Namespace(config_file=path, opts=["MODEL.DEVICE", "cpu"]))
     model = build_model(cfg)
-    assert type(model).__name__ == "DistillGeneralizedRCNN"
+    assert type(model).__name__ in ("DistillGeneralizedRCNN", "DistillRetinaNet")
     assert model.teacher_cfg.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.DEPTH == 50
-    assert sorted(model.kd_adapters.keys()) == ["p2", "p3", "p4", "p5", "p6"]
+    assert list(model.kd_adapters.keys()) == list(cfg.DISTILL.FEAT.LEVELS)
+    assert model.teacher_cfg.MODEL.WEIGHTS.startswith("detectron2://COCO-Detection/")
