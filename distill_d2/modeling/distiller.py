@@ -10,6 +10,7 @@ import contextlib
 import logging
 
 import torch
+from detectron2.config import configurable
 from detectron2.modeling import build_backbone
 from detectron2.utils.events import get_event_storage
 
@@ -47,11 +48,30 @@ def capture_outputs(module, store, enabled=True):
 
 
 class DistillerMixin:
-    """Mixin for a detectron2 meta-arch subclass; call ``_init_distiller(cfg)`` after ``super().__init__``."""
+    """Mixin put before a detectron2 meta-arch: ``class X(DistillerMixin, RetinaNet)``.
+
+    The student is built exactly as the plain meta-arch from the same config;
+    then ``_check_student`` (override) and the distillation parts.
+    """
 
     is_distiller = True
     #: META_ARCHITECTURE of the plain student (used by export)
     STUDENT_META_ARCH = None
+
+    @configurable
+    def __init__(self, *, cfg, **kwargs):
+        super().__init__(**kwargs)
+        self._check_student(cfg)
+        self._init_distiller(cfg)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["cfg"] = cfg
+        return ret
+
+    def _check_student(self, cfg):
+        """Abort if the student cannot be distilled by this meta-arch (override)."""
 
     def _init_distiller(self, cfg):
         self.distill_cfg = cfg.DISTILL
@@ -142,24 +162,30 @@ class DistillerMixin:
             )
         return t_images
 
-    def run_backbones(self, images, t_images):
-        """Student backbone (with grad) and teacher backbone (no grad), with bottom-up outputs when needed.
+    def run_backbones(self, batched_inputs):
+        """Preprocess the batch for both models; student backbone (grad) and teacher backbone (no grad).
 
         Returns:
-            (student features, teacher features, student bottom-up, teacher bottom-up); the last two
-            are None unless DISTILL.BACKBONE is enabled.
+            dict with ``images``, ``t_images`` (ImageList), ``gt_instances``, ``features``,
+            ``t_features`` ({level: (N,C,H,W)}) and ``s_bottom_up``, ``t_bottom_up`` (the
+            bottom-up outputs, only with DISTILL.BACKBONE; else None).
         """
+        self.setup_teacher()
+        images = self.preprocess_image(batched_inputs)
+        t_images = self.teacher_preprocess(batched_inputs, images)
         need = bool(self.kd_bb_levels)
         s_cap, t_cap = {}, {}
         with capture_outputs(bottom_up(self.backbone), s_cap, need):
             s_feat = self.backbone(images.tensor)
         with torch.no_grad(), capture_outputs(bottom_up(self._teacher.backbone), t_cap, need):
             t_feat = self._teacher.backbone(t_images.tensor)
-        return s_feat, t_feat, s_cap.get("out"), t_cap.get("out")
+        return dict(images=images, t_images=t_images, features=s_feat, t_features=t_feat,
+                    gt_instances=[x["instances"].to(self.device) for x in batched_inputs],
+                    s_bottom_up=s_cap.get("out"), t_bottom_up=t_cap.get("out"))
 
     # ------------------------------------------------------------ feature KD
-    def feature_kd_losses(self, s_features, t_features, gt_instances, s_bottom_up=None, t_bottom_up=None):
-        """Neck (and optionally backbone) feature imitation.
+    def feature_kd_losses(self, features, t_features, gt_instances, s_bottom_up=None, t_bottom_up=None, **unused):
+        """Neck (and optionally backbone) feature imitation; takes :meth:`run_backbones`'s dict as kwargs.
 
         Returns:
             {"loss_kd_feat"} or, with FEAT.NORM "decoupled", {"loss_kd_feat_fg",
@@ -171,9 +197,9 @@ class DistillerMixin:
         gt_boxes = [x.gt_boxes.tensor for x in gt_instances]
         out = {}
         if self.kd_levels:
-            shapes = {lv: (self._kd_strides[lv], *s_features[lv].shape[-2:]) for lv in self.kd_levels}
+            shapes = {lv: (self._kd_strides[lv], *features[lv].shape[-2:]) for lv in self.kd_levels}
             masks = build_masks(feat.MASK, gt_boxes, shapes, feat)
-            adapted = {lv: self.kd_adapters[lv](s_features[lv]) for lv in self.kd_levels}
+            adapted = {lv: self.kd_adapters[lv](features[lv]) for lv in self.kd_levels}
             target = {lv: t_features[lv] for lv in self.kd_levels}
             if feat.NORM == "decoupled":
                 fg, bg = decoupled_feature_loss(adapted, target, masks)

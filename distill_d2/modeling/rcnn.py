@@ -11,7 +11,6 @@ Training step (TAR region-proposal sharing):
 At inference the model is exactly the student (GeneralizedRCNN.inference).
 """
 import torch
-from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage, get_event_storage
@@ -51,9 +50,7 @@ def _gt_boxes(rois):
 class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
     STUDENT_META_ARCH = "GeneralizedRCNN"
 
-    @configurable
-    def __init__(self, *, cfg, **kwargs):
-        super().__init__(**kwargs)
+    def _check_student(self, cfg):
         for attr in ("box_pooler", "box_head", "box_predictor", "label_and_sample_proposals"):
             if not hasattr(self.roi_heads, attr):
                 raise TeacherError(
@@ -62,15 +59,10 @@ class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
                 )
         if getattr(self.roi_heads, "train_on_pred_boxes", False):
             raise TeacherError("MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported by DistillGeneralizedRCNN.")
-        self._init_distiller(cfg)
-        dc = cfg.DISTILL
-        self.head_kd = self.head_kd or dc.DEFEAT_CLS.ENABLED or dc.PROPOSALS.REVERSE
 
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["cfg"] = cfg
-        return ret
+    def _init_distiller(self, cfg):
+        super()._init_distiller(cfg)
+        self.head_kd = self.head_kd or cfg.DISTILL.DEFEAT_CLS.ENABLED or cfg.DISTILL.PROPOSALS.REVERSE
 
     def _same_family(self, teacher):
         return hasattr(teacher, "roi_heads") and hasattr(teacher.roi_heads, "box_predictor")
@@ -87,12 +79,8 @@ class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
     def forward(self, batched_inputs):
         if not self.training:
             return self.inference(batched_inputs)
-        teacher = self.setup_teacher()
-        dc = self.distill_cfg
-        images = self.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        t_images = self.teacher_preprocess(batched_inputs, images)
-        features, t_features, s_bu, t_bu = self.run_backbones(images, t_images)
+        b = self.run_backbones(batched_inputs)
+        images, features, gt_instances = b["images"], b["features"], b["gt_instances"]
         proposals, losses = self.proposal_generator(images, features, gt_instances)
         rois = self.roi_heads.label_and_sample_proposals(proposals, gt_instances)
         s_pred = score_rois(self, features, rois)
@@ -102,10 +90,10 @@ class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
         if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
             self.visualize_training(batched_inputs, proposals)
 
-        kd = self.feature_kd_losses(features, t_features, gt_instances, s_bu, t_bu)
+        kd = self.feature_kd_losses(**b)
         scalars = {}
         if self.head_kd:
-            self._head_kd(kd, scalars, features, t_features, t_images, rois, s_pred, gt_instances)
+            self._head_kd(kd, scalars, features, b["t_features"], b["t_images"], rois, s_pred, gt_instances)
         losses.update(self.weigh_kd(kd, scalars))
         return losses
 

@@ -8,7 +8,6 @@ to a gt, gated by teacher-better IoU as in TAR) and feature KD on P3-P7 with
 any mask. At inference the model is exactly the student (RetinaNet.forward).
 """
 import torch
-from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.structures import Boxes
@@ -28,17 +27,6 @@ def dense_predictions(model, features):
 @META_ARCH_REGISTRY.register()
 class DistillRetinaNet(DistillerMixin, RetinaNet):
     STUDENT_META_ARCH = "RetinaNet"
-
-    @configurable
-    def __init__(self, *, cfg, **kwargs):
-        super().__init__(**kwargs)
-        self._init_distiller(cfg)
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["cfg"] = cfg
-        return ret
 
     def _same_family(self, teacher):
         return hasattr(teacher, "head") and hasattr(teacher, "anchor_generator")
@@ -73,25 +61,18 @@ class DistillRetinaNet(DistillerMixin, RetinaNet):
     def forward(self, batched_inputs):
         if not self.training:
             return super().forward(batched_inputs)
-        teacher = self.setup_teacher()
         dc = self.distill_cfg
-        images = self.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        t_images = self.teacher_preprocess(batched_inputs, images)
-        features, t_features, s_bu, t_bu = self.run_backbones(images, t_images)
-        logits, deltas, feats = dense_predictions(self, features)
-        n_levels = len(feats)
+        b = self.run_backbones(batched_inputs)
+        logits, deltas, feats = dense_predictions(self, b["features"])
         anchors = self.anchor_generator(feats)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        gt_labels, gt_boxes = self.label_anchors(anchors, b["gt_instances"])
         split = [a.tensor.shape[0] for a in anchors]
         losses = self.losses(anchors, list(logits.split(split, 1)), gt_labels, list(deltas.split(split, 1)), gt_boxes)
-        assert n_levels == len(split)
-
-        kd = self.feature_kd_losses(features, t_features, gt_instances, s_bu, t_bu)
+        kd = self.feature_kd_losses(**b)
         scalars = {}
         if self.head_kd:
             with torch.no_grad():
-                t_logits, t_deltas, _ = dense_predictions(teacher, t_features)
+                t_logits, t_deltas, _ = dense_predictions(self._teacher, b["t_features"])
                 self.check_finite("class logits", t_logits)
             labels = torch.stack(gt_labels)  # (N, R) in {-1, 0..K-1, K}
             valid = labels >= 0
