@@ -21,7 +21,8 @@ test: setup
 
 # Multi-seed benchmark behind docs/RESULTS.md (long: about an hour on 2 CPU cores).
 bench: setup
-	$(PY) -m distill_d2.demo --out output/bench --seeds 0 1
+	$(PY) -m distill_d2.demo --out output/bench --methods TAR DeFeat --seeds 0 1 --reuse-runs
+	$(PY) -m distill_d2.demo --out output/bench --suite retinanet --methods TAR DeFeat --seeds 0 1 --reuse-runs
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,14 +1,17 @@
-"""The end-to-end demo (``make demo``): teacher, baseline student and TAR student.
+"""The end-to-end demo (``make demo``) and the benchmark behind docs/RESULTS.md.
 
-    python -m distill_d2.demo                      # default: output/demo
-    python -m distill_d2.demo --seeds 0 1 --out output/bench   # several seeds
+    python -m distill_d2.demo                      # Faster R-CNN: teacher, baseline, TAR -> output/demo
+    python -m distill_d2.demo --methods TAR DeFeat --seeds 0 1 --out output/bench
+    python -m distill_d2.demo --suite retinanet --methods TAR DeFeat --seeds 0 1 --out output/bench
 
 Steps: generate the synthetic dataset; train the R50 teacher (cached: skipped
-when ``<out>/teacher`` already holds a finished run of the same settings);
-train the R18 baseline student and the TAR student on the same schedule,
-once per seed; evaluate; print and write a table (``results.md``,
-``results.json``) and ``predictions.png`` (baseline vs TAR on val images).
-Every run is a ``train_net.py`` subprocess whose log is ``<run>/log.txt``.
+when ``<out>/teacher_<suite>`` holds a finished run of the same settings); train
+the R18 baseline student and each distilled student on the same schedule, once
+per seed (reused too with ``--reuse-runs``); evaluate; print and write a table
+(``results_<suite>.md`` / ``.json``: AP, AP50, AP75, APs/m/l, train s/iter) and
+``predictions_<suite>.png`` (one column per model on val images, distilled
+students exported to plain checkpoints first). Every run is a ``train_net.py``
+subprocess whose log is ``<run>/log.txt``; progress lines (with ETA) are echoed.
 """
 import argparse
 import hashlib
@@ -24,14 +27,18 @@ SYN = os.path.join(REPO, "configs", "synthetic")
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
-def run_train_net(config, out_dir, opts, label):
-    """Run train_net.py (cached by a stamp of its arguments); returns results dict + s/iter."""
+def run_train_net(config, out_dir, opts, label, cache=True):
+    """Run train_net.py; returns (results["bbox"], s/iter).
+
+    With ``cache``, a finished run in ``out_dir`` with the same config and
+    options (a stamp of them) is reused instead of retrained.
+    """
     argv = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
             "OUTPUT_DIR", out_dir] + [str(o) for o in opts]
     stamp = hashlib.sha1(json.dumps([os.path.relpath(config, REPO), opts]).encode()).hexdigest()
     stamp_file = os.path.join(out_dir, "demo_stamp.txt")
     res_file = os.path.join(out_dir, "results.json")
-    if os.path.isfile(res_file) and os.path.isfile(stamp_file) and open(stamp_file).read() == stamp:
+    if cache and os.path.isfile(res_file) and os.path.isfile(stamp_file) and open(stamp_file).read() == stamp:
         print(f"[demo] {label}: cached in {out_dir} (delete it to retrain)", flush=True)
     else:
         os.makedirs(out_dir, exist_ok=True)
@@ -113,12 +120,27 @@ def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thres
     cv2.imwrite(out_png, np.concatenate(columns, axis=1)[:, :, ::-1])
 
 
-def export_tar_student(run_dir, teacher_w):
-    """Export the TAR run's student (kd_* adapters dropped) to ``<run_dir>/student.pth``."""
+# suite -> teacher config, baseline student config, {method: distillation config}
+SUITES = {
+    "frcnn": ("faster_rcnn_R50_teacher.yaml", "faster_rcnn_R18_student.yaml", {
+        "TAR": "tar_R50_to_R18.yaml",
+        "DeFeat": "defeat_R50_to_R18.yaml",
+        "Hinton": "hinton_R50_to_R18.yaml",
+        "FitNet": "fitnet_R50_to_R18.yaml",
+    }),
+    "retinanet": ("retinanet_R50_teacher.yaml", "retinanet_R18_student.yaml", {
+        "TAR": "tar_retinanet_R50_to_R18.yaml",
+        "DeFeat": "defeat_retinanet_R50_to_R18.yaml",
+    }),
+}
+
+
+def export_distilled_student(config, run_dir, teacher_w):
+    """Export a distillation run's student (kd_* adapters dropped) to ``<run_dir>/student.pth``."""
     from .engine import setup_cfg
     from .export import export_student
 
-    cfg = setup_cfg(argparse.Namespace(config_file=os.path.join(SYN, "tar_R50_to_R18.yaml"),
+    cfg = setup_cfg(argparse.Namespace(config_file=config,
                                        opts=["DISTILL.TEACHER.WEIGHTS", teacher_w, "MODEL.DEVICE", "cpu"]))
     out = os.path.join(run_dir, "student.pth")
     export_student(cfg, os.path.join(run_dir, "model_final.pth"), out)
@@ -128,11 +150,18 @@ def export_tar_student(run_dir, teacher_w):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "output", "demo"))
+    p.add_argument("--suite", choices=sorted(SUITES), default="frcnn", help="detector family")
+    p.add_argument("--methods", nargs="*", default=["TAR"], help="distillation presets of the suite (none: baseline only)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--student-iters", type=int, default=None, help="default: the student config's SOLVER.MAX_ITER")
     p.add_argument("--teacher-iters", type=int, default=None, help="default: the teacher config's SOLVER.MAX_ITER")
-    p.add_argument("--skip-distill", action="store_true", help="teacher and baseline student only")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="also reuse finished student runs with the same settings (the teacher always is)")
     args = p.parse_args(argv)
+    teacher_yaml, student_yaml, presets = SUITES[args.suite]
+    unknown = [m for m in args.methods if m not in presets]
+    if unknown:
+        p.error(f"unknown method(s) {unknown} for suite {args.suite}; choose from {sorted(presets)}")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
@@ -151,41 +180,43 @@ def main(argv=None):
             return []
         return ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", f"({int(iters * 0.75)}, {int(iters * 0.92)})"]
 
-    teacher_cfg = os.path.join(SYN, "faster_rcnn_R50_teacher.yaml")
-    teacher_dir = os.path.join(out, "teacher")
-    t_res, t_speed = run_train_net(teacher_cfg, teacher_dir, sched(args.teacher_iters) + ["SEED", 0], "teacher R50")
-    rows = [("teacher R50-FPN", [dict(t_res, s_iter=t_speed)])]
+    t_name = teacher_yaml.replace(".yaml", "").replace("_teacher", "")
+    s_name = student_yaml.replace(".yaml", "").replace("_student", "")
+    teacher_dir = os.path.join(out, f"teacher_{args.suite}")
+    t_res, t_speed = run_train_net(os.path.join(SYN, teacher_yaml), teacher_dir,
+                                   sched(args.teacher_iters) + ["SEED", 0], f"teacher {t_name}")
     teacher_w = os.path.join(teacher_dir, "model_final.pth")
-
-    base_runs, tar_runs, last = [], [], {}
+    runs = {f"teacher {t_name}": [dict(t_res, s_iter=t_speed)], f"baseline {s_name}": []}
+    runs.update({f"{m} {s_name}": [] for m in args.methods})
+    last = {}
     for seed in args.seeds:
         opts = sched(args.student_iters) + ["SEED", seed]
-        d = os.path.join(out, f"student_seed{seed}")
-        r, s = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), d, opts, f"baseline R18 seed {seed}")
-        base_runs.append(dict(r, s_iter=s))
-        last["baseline R18"] = os.path.join(d, "model_final.pth")
-        if not args.skip_distill:
-            d = os.path.join(out, f"tar_seed{seed}")
-            r, s = run_train_net(os.path.join(SYN, "tar_R50_to_R18.yaml"), d,
-                                 opts + ["DISTILL.TEACHER.WEIGHTS", teacher_w], f"TAR R18 seed {seed}")
-            tar_runs.append(dict(r, s_iter=s))
-            last["TAR R18"] = export_tar_student(d, teacher_w)
-    rows.append(("baseline student R18-FPN", base_runs))
-    if tar_runs:
-        rows.append(("TAR student R18-FPN", tar_runs))
+        d = os.path.join(out, f"{args.suite}_baseline_seed{seed}")
+        r, s = run_train_net(os.path.join(SYN, student_yaml), d, opts, f"baseline seed {seed}", args.reuse_runs)
+        runs[f"baseline {s_name}"].append(dict(r, s_iter=s))
+        last["baseline"] = os.path.join(d, "model_final.pth")
+        for m in args.methods:
+            d = os.path.join(out, f"{args.suite}_{m}_seed{seed}")
+            cfg_file = os.path.join(SYN, presets[m])
+            r, s = run_train_net(cfg_file, d, opts + ["DISTILL.TEACHER.WEIGHTS", teacher_w], f"{m} seed {seed}",
+                                 args.reuse_runs)
+            runs[f"{m} {s_name}"].append(dict(r, s_iter=s))
+            last[m] = export_distilled_student(cfg_file, d, teacher_w)
 
-    table = fmt_table(rows)
-    note = (f"Synthetic val (200 images), COCO bbox AP. Seeds {args.seeds}; same student schedule for baseline "
-            f"and TAR. s/iter: median logged train step time on this machine "
-            f"({os.cpu_count()} CPUs). Date {time.strftime('%Y-%m-%d')}. Total {time.time() - t_start:.0f} s.")
+    table = fmt_table(list(runs.items()))
+    note = (f"Synthetic val (200 images), COCO bbox AP, mean ± std over seeds {args.seeds} (teacher: seed 0). "
+            f"Same student schedule for the baseline and every method. s/iter: median logged train step time "
+            f"on this machine ({os.cpu_count()} CPUs). Date {time.strftime('%Y-%m-%d')}. "
+            f"Total {time.time() - t_start:.0f} s.\nCommand: python -m distill_d2.demo "
+            + " ".join(argv if argv is not None else sys.argv[1:]))
     print("\n" + table + "\n\n" + note, flush=True)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(out, f"results_{args.suite}.md"), "w") as f:
         f.write(table + "\n\n" + note + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({name: runs for name, runs in rows}, f, indent=2)
-    png = os.path.join(out, "predictions.png")
-    draw_predictions(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), last, png)
-    print(f"[demo] wrote {os.path.join(out, 'results.md')} and {png}", flush=True)
+    with open(os.path.join(out, f"results_{args.suite}.json"), "w") as f:
+        json.dump(runs, f, indent=2)
+    png = os.path.join(out, f"predictions_{args.suite}.png")
+    draw_predictions(os.path.join(SYN, student_yaml), last, png)
+    print(f"[demo] wrote {os.path.join(out, f'results_{args.suite}.md')} and {png}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """A bundled, generated detection dataset ("synthetic shapes").
 
-Six shape classes drawn with random colour (contrasting with what lies
-under them), rotation and size (about 10 to 128 px on a 256x256 image, so
-COCO small/medium/large all occur), on varied backgrounds (gradients,
-low-frequency noise, low-contrast stripes and checkerboards), with
-unlabelled clutter (lines, irregular blobs) and occlusion between objects. Box
+Six shape classes with random rotation and size (about 10 to 128 px on a
+256x256 image, so COCO small/medium/large all occur) and a colour that is
+usually (70%) near the class's hue and otherwise random, so colour is a cue
+but shape decides; on varied low-saturation backgrounds (gradients,
+low-frequency noise, stripes, checkerboards), with unlabelled clutter (lines,
+irregular blobs of any colour) and occlusion between objects. Box
 annotations are the *visible* extent of each object (objects less than 35%
 visible are dropped). The ``ring`` vs ``circle`` and ``square`` vs ``cross``
 pairs need shape detail, so capacity matters: a larger detector beats a
@@ -30,7 +31,7 @@ from detectron2.data.datasets import load_coco_json
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_CLASSES = ["circle", "ring", "triangle", "square", "star", "cross"]
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # name -> (number of images, seed): the bundled default dataset, and a tiny
 # version of it for smoke tests and quick schedules.
 DEFAULT_SPLITS = {
@@ -41,22 +42,31 @@ DEFAULT_SPLITS = {
 }
 IMAGE_SIZE = (256, 256)  # (height, width)
 MIN_VISIBLE_FRACTION = 0.35
+# Probability that an object has its class's hue (else a random hue).
+CLASS_HUE_PROB = 0.7
+
+
+def _hsv_to_bgr(h, s, v):
+    """One colour from hue in degrees [0, 360), saturation and value in [0, 1] to BGR 0..255."""
+    px = np.uint8([[[int(h / 2) % 180, int(s * 255), int(v * 255)]]])
+    return cv2.cvtColor(px, cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
 
 
 def _background(rng, h, w):
-    """(h, w, 3) float32 background: gradient, low-frequency noise, or low-contrast stripes/checkerboard."""
+    """(h, w, 3) float32 background of low saturation: gradient, low-frequency noise,
+    stripes or checkerboard."""
     kind = rng.integers(4)
-    c0 = rng.uniform(0, 255, 3)
-    c1 = np.clip(c0 + rng.normal(0, 60, 3), 0, 255)
+    c0 = _hsv_to_bgr(rng.uniform(0, 360), rng.uniform(0, 0.35), rng.uniform(0.15, 0.95))
+    c1 = _hsv_to_bgr(rng.uniform(0, 360), rng.uniform(0, 0.35), rng.uniform(0.15, 0.95))
     yy, xx = np.mgrid[0:h, 0:w]
     if kind == 0:  # linear gradient in a random direction
         ang = rng.uniform(0, 2 * np.pi)
         t = (np.cos(ang) * xx + np.sin(ang) * yy) / (h + w) + 0.5
         img = c0 * (1 - t[..., None]) + c1 * t[..., None]
-    elif kind == 1:  # low-frequency colour noise
+    elif kind == 1:  # low-frequency noise between the two colours
         g = rng.integers(2, 6)
-        small = (c0 + rng.normal(0, 50, (g, g, 3))).astype(np.float32)
-        img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        t = cv2.resize(rng.uniform(0, 1, (g, g)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+        img = c0 * (1 - t[..., None]) + c1 * t[..., None]
     elif kind == 2:  # low-contrast stripes
         period = rng.integers(8, 40)
         ang = rng.uniform(0, np.pi)
@@ -70,11 +80,16 @@ def _background(rng, h, w):
     return np.clip(img, 0, 255).astype(np.float32)
 
 
-def _contrasting_colour(rng, background):
-    """A random colour at least ~90 (L2, 0..255 RGB) away from ``background`` (3,)."""
+def _object_colour(rng, cls_id, background):
+    """Colour of an object: usually its class's hue (+-20 deg), sometimes (CLASS_HUE_PROB)
+    any hue, so colour is a cue but shape decides; at least ~80 (L2) from ``background``."""
     for _ in range(20):
-        c = rng.uniform(0, 255, 3)
-        if np.linalg.norm(c - background) > 90:
+        if rng.uniform() < CLASS_HUE_PROB:
+            hue = cls_id * 360.0 / len(SYNTHETIC_CLASSES) + rng.uniform(-20, 20)
+        else:
+            hue = rng.uniform(0, 360)
+        c = _hsv_to_bgr(hue, rng.uniform(0.55, 1.0), rng.uniform(0.45, 1.0))
+        if np.linalg.norm(c - background) > 80:
             return c
     return 255.0 - background
 
@@ -152,7 +167,7 @@ def render_image(rng, height=IMAGE_SIZE[0], width=IMAGE_SIZE[1]):
         m = mask.astype(bool)
         if m.sum() < 12:
             continue
-        color = _contrasting_colour(rng, img[m].mean(axis=0))
+        color = _object_colour(rng, cls_id, img[m].mean(axis=0))
         if rng.uniform() < 0.3:  # textured fill
             shade = rng.uniform(0.6, 1.0, (height, width, 1))
             img[m] = (color * shade)[m]

@@ -1,0 +1,32 @@
+"""The demo's building blocks: a cached train_net run, timing, the results table."""
+import json
+import os
+
+from conftest import SYN, TINY_OPTS
+from distill_d2.demo import fmt_table, run_train_net, seconds_per_iter
+
+
+def test_seconds_per_iter_skips_first_window(tmp_path):
+    with open(tmp_path / "metrics.json", "w") as f:
+        for it, t in ((19, 9.0), (39, 1.0), (59, 2.0), (79, 3.0)):
+            f.write(json.dumps({"iteration": it, "time": t}) + "\n")
+        f.write(json.dumps({"iteration": 79, "bbox/AP": 1.0}) + "\n")
+    assert seconds_per_iter(str(tmp_path)) == 2.0
+
+
+def test_table_has_mean_and_std_over_seeds():
+    runs = [dict(AP=10.0, AP50=20, AP75=5, APs=1, APm=2, APl=3, s_iter=0.5),
+            dict(AP=12.0, AP50=22, AP75=7, APs=1, APm=2, APl=3, s_iter=0.7)]
+    table = fmt_table([("baseline", runs)])
+    assert "| baseline | 2 | 11.0 ± 1.4 | 21.0 ± 1.4 |" in table
+    assert "0.600 ± 0.141 |" in table
+
+
+def test_run_train_net_trains_then_reuses(tmp_path, datasets_dir):
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "3"]
+    out = str(tmp_path / "run")
+    res, s_iter = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), out, opts, "tiny")
+    assert set(res) >= {"AP", "AP50", "APl"} and os.path.isfile(os.path.join(out, "log.txt"))
+    mtime = os.path.getmtime(os.path.join(out, "model_final.pth"))
+    res2, _ = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), out, opts, "tiny")
+    assert res2 == res and os.path.getmtime(os.path.join(out, "model_final.pth")) == mtime
