@@ -11,7 +11,7 @@ $(STAMP): .ci/setup_env.sh requirements.txt setup.py
 	VENV=$(VENV) bash .ci/setup_env.sh
 	touch $(STAMP)
 
-# Main job: synthetic data -> R50 teacher (cached) -> R18 baseline + TAR student -> table + PNG (output/demo).
+# Main job: synthetic data -> R34 teacher (cached) -> R18 baseline + TAR student -> table + PNG (output/demo).
 demo: setup
 	$(PY) -m distill_d2.demo --out output/demo
 

@@ -2,7 +2,7 @@
 """Train / evaluate detectors and distilled students, the detectron2 way.
 
     python train_net.py --config-file configs/synthetic/faster_rcnn_R18_student.yaml
-    python train_net.py --config-file configs/synthetic/tar_R50_to_R18.yaml --num-gpus 2
+    python train_net.py --config-file configs/synthetic/tar_R34_to_R18.yaml --num-gpus 2
     python train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
 
 ``--num-gpus N`` without GPUs launches N CPU processes (gloo backend).

@@ -4,7 +4,7 @@
     python -m distill_d2.demo --methods TAR DeFeat --seeds 0 1 --out output/bench
     python -m distill_d2.demo --suite retinanet --methods TAR DeFeat --seeds 0 1 --out output/bench
 
-Steps: generate the synthetic dataset; train the R50 teacher (cached: skipped
+Steps: generate the synthetic dataset; train the R34 teacher (cached: skipped
 when ``<out>/teacher_<suite>`` holds a finished run of the same settings); train
 the R18 baseline student and each distilled student on the same schedule, once
 per seed (reused too with ``--reuse-runs``); evaluate; print and write a table
@@ -86,6 +86,33 @@ def fmt_table(rows):
     return "\n".join(lines)
 
 
+def plot_results(runs, out_png, title):
+    """Grouped bar chart (matplotlib PNG): AP, AP50, AP75, APs/m/l per model, mean with std whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(runs)
+    x = np.arange(len(METRICS))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, name in enumerate(names):
+        vals = np.array([[r[m] for m in METRICS] for r in runs[name]])
+        err = vals.std(axis=0, ddof=1) if len(vals) > 1 else None
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, vals.mean(axis=0), width, yerr=err, capsize=3,
+               label=f"{name} (n={len(vals)})")
+    ax.set_xticks(x, METRICS)
+    ax.set_ylabel("COCO AP (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
 def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thresh=0.5):
     """Side-by-side PNG of predictions (one column per model) on the first val images."""
     import cv2
@@ -122,15 +149,15 @@ def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thres
 
 # suite -> teacher config, baseline student config, {method: distillation config}
 SUITES = {
-    "frcnn": ("faster_rcnn_R50_teacher.yaml", "faster_rcnn_R18_student.yaml", {
-        "TAR": "tar_R50_to_R18.yaml",
-        "DeFeat": "defeat_R50_to_R18.yaml",
-        "Hinton": "hinton_R50_to_R18.yaml",
-        "FitNet": "fitnet_R50_to_R18.yaml",
+    "frcnn": ("faster_rcnn_R34_teacher.yaml", "faster_rcnn_R18_student.yaml", {
+        "TAR": "tar_R34_to_R18.yaml",
+        "DeFeat": "defeat_R34_to_R18.yaml",
+        "Hinton": "hinton_R34_to_R18.yaml",
+        "FitNet": "fitnet_R34_to_R18.yaml",
     }),
-    "retinanet": ("retinanet_R50_teacher.yaml", "retinanet_R18_student.yaml", {
-        "TAR": "tar_retinanet_R50_to_R18.yaml",
-        "DeFeat": "defeat_retinanet_R50_to_R18.yaml",
+    "retinanet": ("retinanet_R34_teacher.yaml", "retinanet_R18_student.yaml", {
+        "TAR": "tar_retinanet_R34_to_R18.yaml",
+        "DeFeat": "defeat_retinanet_R34_to_R18.yaml",
     }),
 }
 
@@ -214,9 +241,10 @@ def main(argv=None):
         f.write(table + "\n\n" + note + "\n")
     with open(os.path.join(out, f"results_{args.suite}.json"), "w") as f:
         json.dump(runs, f, indent=2)
+    plot_results(runs, os.path.join(out, f"results_{args.suite}.png"), f"synthetic val, {args.suite}")
     png = os.path.join(out, f"predictions_{args.suite}.png")
     draw_predictions(os.path.join(SYN, student_yaml), last, png)
-    print(f"[demo] wrote {os.path.join(out, f'results_{args.suite}.md')} and {png}", flush=True)
+    print(f"[demo] wrote results_{args.suite}.md/.json/.png and predictions_{args.suite}.png in {out}", flush=True)
 
 
 if __name__ == "__main__":

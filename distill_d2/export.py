@@ -1,6 +1,6 @@
 """Export the student of a distillation checkpoint as a plain detectron2 checkpoint.
 
-    python -m distill_d2.export --config-file configs/synthetic/tar_R50_to_R18.yaml \\
+    python -m distill_d2.export --config-file configs/synthetic/tar_R34_to_R18.yaml \\
         --input output/tar/model_final.pth --output output/tar/student.pth
 
 The output loads into the student's own YAML (MODEL.META_ARCHITECTURE

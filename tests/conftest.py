@@ -81,5 +81,5 @@ def make_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(make_ckpt):
-    """A (randomly initialised) R50 Faster R-CNN teacher checkpoint of the synthetic teacher config."""
-    return make_ckpt("faster_rcnn_R50_teacher.yaml")
+    """A (randomly initialised) R34 Faster R-CNN teacher checkpoint of the synthetic teacher config."""
+    return make_ckpt("faster_rcnn_R34_teacher.yaml")

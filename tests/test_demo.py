@@ -3,7 +3,7 @@ import json
 import os
 
 from conftest import SYN, TINY_OPTS
-from distill_d2.demo import fmt_table, run_train_net, seconds_per_iter
+from distill_d2.demo import fmt_table, plot_results, run_train_net, seconds_per_iter
 
 
 def test_seconds_per_iter_skips_first_window(tmp_path):
@@ -20,6 +20,13 @@ def test_table_has_mean_and_std_over_seeds():
     table = fmt_table([("baseline", runs)])
     assert "| baseline | 2 | 11.0 ± 1.4 | 21.0 ± 1.4 |" in table
     assert "0.600 ± 0.141 |" in table
+
+
+def test_plot_results_writes_a_png(tmp_path):
+    r = dict(AP=10.0, AP50=20, AP75=5, APs=1, APm=2, APl=3, s_iter=0.5)
+    plot_results({"teacher": [r], "baseline": [r, dict(r, AP=12.0)]}, str(tmp_path / "p.png"), "t")
+    with open(tmp_path / "p.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_train_net_trains_then_reuses(tmp_path, datasets_dir):

@@ -1,4 +1,4 @@
-"""DistillGeneralizedRCNN with a real (tiny-input) R50 teacher and R18 student on CPU."""
+"""DistillGeneralizedRCNN with a real (tiny-input) R34 teacher and R18 student on CPU."""
 import copy
 import logging
 import os
@@ -16,7 +16,7 @@ from conftest import REPO, SYN, TINY_OPTS, tiny_cfg
 from distill_d2.export import export_student, student_cfg_from
 from distill_d2.teacher import TeacherError
 
-TAR = "tar_R50_to_R18.yaml"
+TAR = "tar_R34_to_R18.yaml"
 
 
 def distill_cfg(teacher_ckpt, *opts):
@@ -157,7 +157,7 @@ def test_inference_is_exactly_the_student_and_export_round_trip(model_and_data, 
 def test_export_rejects_a_foreign_checkpoint(teacher_ckpt, tmp_path):
     cfg = distill_cfg(teacher_ckpt)
     with pytest.raises(KeyError, match="missing"):
-        export_student(cfg, teacher_ckpt, str(tmp_path / "x.pth"))  # an R50 checkpoint for an R18 student
+        export_student(cfg, teacher_ckpt, str(tmp_path / "x.pth"))  # an R34 checkpoint for an R18 student
 
 
 # ----------------------------------------------------------------------- errors
@@ -196,7 +196,7 @@ def test_missing_levels_and_stride_mismatch(teacher_ckpt):
     plain = ["MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.RPN.IN_FEATURES", "['res4']",
              "MODEL.ROI_HEADS.IN_FEATURES", "['res4']", "MODEL.RESNETS.OUT_FEATURES", "['res4', 'res5']",
              "MODEL.ANCHOR_GENERATOR.SIZES", "[[32, 64]]"]
-    t_opts = str(plain + ["MODEL.RESNETS.RES5_DILATION", 2])
+    t_opts = str(plain + ["MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256, "MODEL.RESNETS.RES5_DILATION", 2])
     with pytest.raises(TeacherError, match=r"Stride mismatch on feature level\(s\) res5 \(student stride 32, teacher 16\)"):
         build_model(distill_cfg(teacher_ckpt, *plain, "DISTILL.FEAT.LEVELS", "['res5']", "DISTILL.TEACHER.OPTS", t_opts))
 
@@ -229,3 +229,44 @@ def test_two_process_cpu_launch_of_distillation(teacher_ckpt, tmp_path, datasets
     assert "World size: 2" in log and "loss_kd_feat" in log
     sd = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
     assert any(k.startswith("kd_adapters") for k in sd) and not any("teacher" in k for k in sd)
+
+
+# ------------------------------------------------------------ trainer / train_net
+def test_trainer_decay_logging_resume_teacher_eval_and_eval_only(teacher_ckpt, tmp_path):
+    from detectron2.engine import default_argument_parser
+
+    from distill_d2.engine import Trainer, main
+    from distill_d2.hooks import kd_weight
+
+    out = tmp_path / "run"
+    opts = ["SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2, "OUTPUT_DIR", str(out),
+            "DISTILL.TEACHER.EVAL_BEFORE_TRAIN", "True"]
+    cfg = distill_cfg(teacher_ckpt, *opts)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    got = {it: v for v, it in trainer.storage.history("kd_weight").values()}
+    assert got == {i: pytest.approx(kd_weight(i, 4, cfg.DISTILL.DECAY)) for i in range(4)}
+    assert got[2] == pytest.approx(0.5)
+    assert "teacher/synthetic_tiny_val/AP" in trainer.storage.histories()
+    assert (out / "model_0000001.pth").is_file() and (out / "model_final.pth").is_file()
+
+    # resume from iteration 2: lambda continues exactly where it was
+    (out / "last_checkpoint").write_text("model_0000001.pth")
+    resumed = Trainer(distill_cfg(teacher_ckpt, *opts[:-2]))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    got2 = {it: v for v, it in resumed.storage.history("kd_weight").values()}
+    assert got2 == {2: pytest.approx(0.5), 3: pytest.approx(0.25)}
+
+    # --eval-only: distill config + distill checkpoint == student config + exported checkpoint
+    def eval_only(config, weights, sub):
+        argv = ["--config-file", os.path.join(SYN, config), "--eval-only"] + TINY_OPTS + [
+            "OUTPUT_DIR", str(tmp_path / sub), "MODEL.WEIGHTS", weights, "DISTILL.TEACHER.WEIGHTS", teacher_ckpt]
+        return main(default_argument_parser().parse_args(argv))["bbox"]
+
+    a = eval_only(TAR, str(out / "model_final.pth"), "ev_distill")
+    export_student(cfg, str(out / "model_final.pth"), str(tmp_path / "student.pth"))
+    b = eval_only("faster_rcnn_R18_student.yaml", str(tmp_path / "student.pth"), "ev_student")
+    assert a == b and not any(v != v for v in a.values())  # identical, no NaN

@@ -16,11 +16,11 @@ from test_distill_rcnn import batches, train_steps
 
 @pytest.fixture(scope="module")
 def retina_teacher(make_ckpt):
-    return make_ckpt("retinanet_R50_teacher.yaml")
+    return make_ckpt("retinanet_R34_teacher.yaml")
 
 
 def test_dense_kd_shapes_losses_and_train_step(retina_teacher):
-    cfg = tiny_cfg("tar_retinanet_R50_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", retina_teacher)
+    cfg = tiny_cfg("tar_retinanet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", retina_teacher)
     torch.manual_seed(0)
     model = build_model(cfg)
     assert type(model).__name__ == "DistillRetinaNet"
@@ -39,8 +39,8 @@ def test_dense_kd_shapes_losses_and_train_step(retina_teacher):
 
 def test_dense_cls_kd_is_zero_when_student_equals_teacher(retina_teacher):
     # student built from the teacher's own config and weights: identical predictions
-    cfg = tiny_cfg("tar_retinanet_R50_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", retina_teacher,
-                   "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256,
+    cfg = tiny_cfg("tar_retinanet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", retina_teacher,
+                   "MODEL.RESNETS.DEPTH", 34, "MODEL.FPN.OUT_CHANNELS", 256,
                    "MODEL.RETINANET.NUM_CONVS", 4, "DISTILL.FEAT.ADAPTER", "identity")
     model = build_model(cfg)
     DetectionCheckpointer(model).load(retina_teacher)
@@ -54,7 +54,7 @@ def test_dense_cls_kd_is_zero_when_student_equals_teacher(retina_teacher):
 
 
 def test_retinanet_export_round_trip(retina_teacher, tmp_path):
-    cfg = tiny_cfg("tar_retinanet_R50_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", retina_teacher)
+    cfg = tiny_cfg("tar_retinanet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", retina_teacher)
     model = build_model(cfg)
     train_steps(model, batches(cfg, 1))
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("d")
@@ -73,14 +73,14 @@ def test_retinanet_export_round_trip(retina_teacher, tmp_path):
 
 
 def test_anchor_mismatch_aborts(retina_teacher):
-    cfg = tiny_cfg("tar_retinanet_R50_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", retina_teacher,
+    cfg = tiny_cfg("tar_retinanet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", retina_teacher,
                    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]")
     model = build_model(cfg)
     with pytest.raises(TeacherError, match="anchors differ.*MODEL.ANCHOR_GENERATOR"):
         model.setup_teacher()
 
 
-@pytest.mark.parametrize("preset", ["defeat_R50_to_R18.yaml", "defeat_retinanet_R50_to_R18.yaml"])
+@pytest.mark.parametrize("preset", ["defeat_R34_to_R18.yaml", "defeat_retinanet_R34_to_R18.yaml"])
 def test_defeat_presets_train(preset, teacher_ckpt, retina_teacher):
     w = retina_teacher if "retinanet" in preset else teacher_ckpt
     cfg = tiny_cfg(preset, "DISTILL.TEACHER.WEIGHTS", w)
@@ -92,8 +92,10 @@ def test_defeat_presets_train(preset, teacher_ckpt, retina_teacher):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_defeat_decoupled_proposals_and_backbone_kd(teacher_ckpt):
-    cfg = tiny_cfg("defeat_R50_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt,
+def test_defeat_decoupled_proposals_and_backbone_kd(make_ckpt):
+    r50 = ["MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256]  # a bottleneck R50 teacher
+    cfg = tiny_cfg("defeat_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", make_ckpt("faster_rcnn_R34_teacher.yaml", *r50),
+                   "DISTILL.TEACHER.OPTS", str(r50),
                    "DISTILL.DEFEAT_CLS.ENABLED", "True", "DISTILL.BACKBONE.ENABLED", "True")
     model = build_model(cfg)
     # R18 res3..res5 have 128/256/512 channels, R50 512/1024/2048
@@ -105,20 +107,20 @@ def test_defeat_decoupled_proposals_and_backbone_kd(teacher_ckpt):
 
 
 def test_heterogeneous_widths(make_ckpt):
-    # student: R18 with a 64-channel FPN; teacher: R50 with the default 128-channel synthetic FPN
-    cfg = tiny_cfg("tar_R50_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", make_ckpt("faster_rcnn_R50_teacher.yaml"),
+    # student: R18 with a 64-channel FPN; teacher: R34 with its 256-channel FPN
+    cfg = tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", make_ckpt("faster_rcnn_R34_teacher.yaml"),
                    "MODEL.FPN.OUT_CHANNELS", 64)
     model = build_model(cfg)
-    assert all(tuple(a.weight.shape[:2]) == (128, 64) for a in model.kd_adapters.values())
+    assert all(tuple(a.weight.shape[:2]) == (256, 64) for a in model.kd_adapters.values())
     losses, _ = train_steps(model, batches(cfg, 1))
     assert torch.isfinite(losses["loss_kd_feat"]) and "loss_kd_box" in losses
-    with pytest.raises(ValueError, match="'identity' needs equal channels, got student 64 vs teacher 128"):
-        build_model(tiny_cfg("tar_R50_to_R18.yaml", "MODEL.FPN.OUT_CHANNELS", 64, "DISTILL.FEAT.ADAPTER", "identity"))
+    with pytest.raises(ValueError, match="'identity' needs equal channels, got student 64 vs teacher 256"):
+        build_model(tiny_cfg("tar_R34_to_R18.yaml", "MODEL.FPN.OUT_CHANNELS", 64, "DISTILL.FEAT.ADAPTER", "identity"))
 
 
 @pytest.mark.parametrize("preset,teacher_config", [
-    ("cross_retinanet_R50_to_frcnn_R18.yaml", "retinanet_R50_teacher.yaml"),
-    ("cross_frcnn_R50_to_retinanet_R18.yaml", "faster_rcnn_R50_teacher.yaml"),
+    ("cross_retinanet_R34_to_frcnn_R18.yaml", "retinanet_R34_teacher.yaml"),
+    ("cross_frcnn_R34_to_retinanet_R18.yaml", "faster_rcnn_R34_teacher.yaml"),
 ])
 def test_cross_family_feature_kd(preset, teacher_config, make_ckpt, caplog):
     cfg = tiny_cfg(preset, "DISTILL.TEACHER.WEIGHTS", make_ckpt(teacher_config))
@@ -134,5 +136,5 @@ def test_cross_family_feature_kd(preset, teacher_config, make_ckpt, caplog):
 
 def test_cross_family_unmatched_levels_are_named(make_ckpt):
     with pytest.raises(TeacherError, match=r"\['p2'\].*student has.*teacher has \['p3', 'p4', 'p5', 'p6', 'p7'\]"):
-        build_model(tiny_cfg("cross_retinanet_R50_to_frcnn_R18.yaml", "DISTILL.FEAT.LEVELS",
+        build_model(tiny_cfg("cross_retinanet_R34_to_frcnn_R18.yaml", "DISTILL.FEAT.LEVELS",
                              "['p2', 'p3', 'p4', 'p5', 'p6']"))

@@ -11,9 +11,9 @@ from conftest import REPO, SYN, TINY_OPTS
 
 CONFIGS = [
     "faster_rcnn_R18_student.yaml",
-    "faster_rcnn_R50_teacher.yaml",
+    "faster_rcnn_R34_teacher.yaml",
     "retinanet_R18_student.yaml",
-    "retinanet_R50_teacher.yaml",
+    "retinanet_R34_teacher.yaml",
 ]
 
 
