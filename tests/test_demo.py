@@ -37,3 +37,13 @@ def test_run_train_net_trains_then_reuses(tmp_path, datasets_dir):
     mtime = os.path.getmtime(os.path.join(out, "model_final.pth"))
     res2, _ = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), out, opts, "tiny")
     assert res2 == res and os.path.getmtime(os.path.join(out, "model_final.pth")) == mtime
+
+
+def test_speed_side_by_side(capsys):
+    from distill_d2.speed import main
+
+    main(["--configs", os.path.join(SYN, "faster_rcnn_R18_student.yaml"), os.path.join(SYN, "tar_R34_to_R18.yaml"),
+          "--iters", "2", "--warmup", "1", "--random-teacher", "--opts"] + TINY_OPTS)
+    out = capsys.readouterr().out
+    assert "| faster_rcnn_R18_student.yaml |" in out and "| 1.00 |" in out
+    assert "| tar_R34_to_R18.yaml |" in out
