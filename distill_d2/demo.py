@@ -45,7 +45,9 @@ def run_train_net(config, out_dir, opts, label, cache=True):
         print(f"[demo] {label}: training ({' '.join(map(str, opts))})", flush=True)
         t0 = time.time()
         with open(os.path.join(out_dir, "log.txt"), "w") as log:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they happen
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                    env=env)
             for line in proc.stdout:
                 log.write(line)
                 if "eta:" in line or "Traceback" in line or "Error" in line or "Overall training speed" in line:
