@@ -86,7 +86,7 @@ class Trainer(DefaultTrainer):
             # first: lambda must be set before the step's forward
             ret.insert(0, KDWeightScheduler(self.cfg.DISTILL.DECAY, self.cfg.SOLVER.MAX_ITER))
             if self.cfg.DISTILL.TEACHER.EVAL_BEFORE_TRAIN:
-                ret.insert(1, TeacherEvalHook(self))
+                ret.insert(1, TeacherEvalHook())
         return ret
 
 

@@ -54,22 +54,21 @@ class KDWeightScheduler(HookBase):
 
 
 class TeacherEvalHook(HookBase):
-    """Evaluates the (frozen) teacher once before training and logs its results."""
-
-    def __init__(self, trainer):
-        self._trainer_ref = trainer
+    """Evaluates the (frozen) teacher once before training; logs ``teacher/<dataset>/<metric>``."""
 
     def before_train(self):
         from .engine import unwrap
         from .teacher import evaluate_teacher
 
-        model = unwrap(self.trainer.model)
+        trainer = self.trainer
+        model = unwrap(trainer.model)
         results = evaluate_teacher(
-            model.teacher, model.teacher_cfg, self.trainer.cfg.DATASETS.TEST,
-            lambda c, n: self.trainer.build_evaluator(self.trainer.cfg, n), self.trainer.build_test_loader,
+            model.teacher, model.teacher_cfg, trainer.cfg.DATASETS.TEST,
+            build_evaluator=lambda name: trainer.build_evaluator(trainer.cfg, name),
+            build_test_loader=trainer.build_test_loader,
         )
         if comm.is_main_process():
             for name, res in results.items():
                 for k, v in res.get("bbox", {}).items():
-                    self.trainer.storage.put_scalar(f"teacher/{name}/{k}", v, smoothing_hint=False)
+                    trainer.storage.put_scalar(f"teacher/{name}/{k}", v, smoothing_hint=False)
         comm.synchronize()

@@ -178,12 +178,15 @@ def _num_classes(cfg):
 
 @torch.no_grad()
 def evaluate_teacher(teacher, teacher_cfg, dataset_names, build_evaluator, build_test_loader):
-    """Run the teacher once on each dataset; returns {dataset: results}."""
+    """Run the teacher once on each dataset (its own test-time config); returns {dataset: results}.
+
+    ``build_evaluator(name)`` and ``build_test_loader(cfg, name)`` come from the trainer.
+    """
     from detectron2.evaluation import inference_on_dataset
 
     results = {}
     for name in dataset_names:
         loader = build_test_loader(teacher_cfg, name)
-        results[name] = inference_on_dataset(teacher, loader, build_evaluator(teacher_cfg, name))
+        results[name] = inference_on_dataset(teacher, loader, build_evaluator(name))
         logger.info("Teacher results on %s: %s", name, results[name])
     return results
