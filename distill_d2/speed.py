@@ -44,6 +44,7 @@ def main(argv=None):
         if args.random_teacher and cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
             teacher = build_model(get_teacher_cfg(cfg))
             w = os.path.join(tmp, f"teacher{len(models)}")
+            os.makedirs(w)
             DetectionCheckpointer(teacher, save_dir=w).save("model")
             cfg.defrost()
             cfg.DISTILL.TEACHER.WEIGHTS = os.path.join(w, "model.pth")

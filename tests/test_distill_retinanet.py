@@ -40,8 +40,7 @@ def test_dense_kd_shapes_losses_and_train_step(retina_teacher):
 def test_dense_cls_kd_is_zero_when_student_equals_teacher(retina_teacher):
     # student built from the teacher's own config and weights: identical predictions
     cfg = tiny_cfg("tar_retinanet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", retina_teacher,
-                   "MODEL.RESNETS.DEPTH", 34, "MODEL.FPN.OUT_CHANNELS", 256,
-                   "MODEL.RETINANET.NUM_CONVS", 4, "DISTILL.FEAT.ADAPTER", "identity")
+                   "MODEL.RESNETS.DEPTH", 34, "MODEL.RETINANET.NUM_CONVS", 4, "DISTILL.FEAT.ADAPTER", "identity")
     model = build_model(cfg)
     DetectionCheckpointer(model).load(retina_teacher)
     model.train()
@@ -107,14 +106,14 @@ def test_defeat_decoupled_proposals_and_backbone_kd(make_ckpt):
 
 
 def test_heterogeneous_widths(make_ckpt):
-    # student: R18 with a 64-channel FPN; teacher: R34 with its 256-channel FPN
+    # student: R18 with a 64-channel FPN; teacher: R34 with the synthetic 128-channel FPN
     cfg = tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", make_ckpt("faster_rcnn_R34_teacher.yaml"),
                    "MODEL.FPN.OUT_CHANNELS", 64)
     model = build_model(cfg)
-    assert all(tuple(a.weight.shape[:2]) == (256, 64) for a in model.kd_adapters.values())
+    assert all(tuple(a.weight.shape[:2]) == (128, 64) for a in model.kd_adapters.values())
     losses, _ = train_steps(model, batches(cfg, 1))
     assert torch.isfinite(losses["loss_kd_feat"]) and "loss_kd_box" in losses
-    with pytest.raises(ValueError, match="'identity' needs equal channels, got student 64 vs teacher 256"):
+    with pytest.raises(ValueError, match="'identity' needs equal channels, got student 64 vs teacher 128"):
         build_model(tiny_cfg("tar_R34_to_R18.yaml", "MODEL.FPN.OUT_CHANNELS", 64, "DISTILL.FEAT.ADAPTER", "identity"))
 
 
