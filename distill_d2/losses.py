@@ -89,9 +89,9 @@ def cls_kd_loss(student_logits, teacher_logits, gt_classes, num_classes, tempera
     Returns:
         (loss, fraction of R passing the gate).
     """
-    sel = gt_classes < num_classes if rois == "positive" else torch.ones_like(gt_classes, dtype=torch.bool)
     if rois not in ("positive", "all"):
         raise ValueError(f"Unknown DISTILL.CLS.ROIS '{rois}': use 'positive' or 'all'.")
+    sel = gt_classes < num_classes if rois == "positive" else torch.ones_like(gt_classes, dtype=torch.bool)
     keep = sel
     if gate == "teacher_better":
         keep = sel & teacher_better_cls_gate(student_logits, teacher_logits, gt_classes)

@@ -111,8 +111,8 @@ class DistillerMixin:
     def setup_teacher(self):
         """Build, load, freeze and check the teacher (idempotent); returns it."""
         if self._teacher is None:
+            # levels/strides/classes were checked in _init_distiller on the same teacher config
             teacher, _ = build_teacher(self._student_cfg)
-            check_compatible(self.backbone, teacher.backbone, self.kd_levels, self._student_cfg, self.teacher_cfg)
             if self.head_kd and not self._same_family(teacher):
                 logger.warning(
                     "Head KD (DISTILL.CLS / DISTILL.BOX) disabled: the teacher is a %s and the student a %s; "
