@@ -14,7 +14,6 @@ students exported to plain checkpoints first). Every run is a ``train_net.py``
 subprocess whose log is ``<run>/log.txt``; progress lines (with ETA) are echoed.
 """
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -27,21 +26,37 @@ SYN = os.path.join(REPO, "configs", "synthetic")
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
+def finished_with_config(config, out_dir, opts):
+    """True when ``out_dir`` holds a finished run (results.json) whose saved config.yaml
+    equals the merged config of ``config`` + ``opts`` now (so editing a YAML, or one of
+    its ``_BASE_`` files, invalidates the cached run)."""
+    import yaml
+
+    from .engine import setup_cfg
+
+    saved = os.path.join(out_dir, "config.yaml")
+    if not (os.path.isfile(os.path.join(out_dir, "results.json")) and os.path.isfile(saved)):
+        return False
+    cfg = setup_cfg(argparse.Namespace(config_file=config, opts=[str(o) for o in opts] + ["OUTPUT_DIR", out_dir]))
+    with open(saved) as f:
+        return yaml.safe_load(f) == yaml.safe_load(cfg.dump())
+
+
 def run_train_net(config, out_dir, opts, label, cache=True):
     """Run train_net.py; returns (results["bbox"], s/iter).
 
-    With ``cache``, a finished run in ``out_dir`` with the same config and
-    options (a stamp of them) is reused instead of retrained.
+    With ``cache``, a finished run in ``out_dir`` with the same merged config is
+    reused instead of retrained.
     """
     argv = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
             "OUTPUT_DIR", out_dir] + [str(o) for o in opts]
-    stamp = hashlib.sha1(json.dumps([os.path.relpath(config, REPO), opts]).encode()).hexdigest()
-    stamp_file = os.path.join(out_dir, "demo_stamp.txt")
     res_file = os.path.join(out_dir, "results.json")
-    if cache and os.path.isfile(res_file) and os.path.isfile(stamp_file) and open(stamp_file).read() == stamp:
+    if cache and finished_with_config(config, out_dir, opts):
         print(f"[demo] {label}: cached in {out_dir} (delete it to retrain)", flush=True)
     else:
         os.makedirs(out_dir, exist_ok=True)
+        if os.path.isfile(res_file):
+            os.remove(res_file)  # a stale result must not survive a failed retrain
         print(f"[demo] {label}: training ({' '.join(map(str, opts))})", flush=True)
         t0 = time.time()
         with open(os.path.join(out_dir, "log.txt"), "w") as log:
@@ -54,8 +69,6 @@ def run_train_net(config, out_dir, opts, label, cache=True):
                     print(f"  [{label}] " + line.split("]: ", 1)[-1].strip()[:160], flush=True)
             if proc.wait() != 0:
                 raise RuntimeError(f"{label} failed; see {os.path.join(out_dir, 'log.txt')}")
-        with open(stamp_file, "w") as f:
-            f.write(stamp)
         print(f"[demo] {label}: done in {time.time() - t0:.0f} s", flush=True)
     with open(res_file) as f:
         results = json.load(f)["bbox"]

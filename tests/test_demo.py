@@ -3,7 +3,7 @@ import json
 import os
 
 from conftest import SYN, TINY_OPTS
-from distill_d2.demo import fmt_table, plot_results, run_train_net, seconds_per_iter
+from distill_d2.demo import finished_with_config, fmt_table, plot_results, run_train_net, seconds_per_iter
 
 
 def test_seconds_per_iter_skips_first_window(tmp_path):
@@ -37,6 +37,11 @@ def test_run_train_net_trains_then_reuses(tmp_path, datasets_dir):
     mtime = os.path.getmtime(os.path.join(out, "model_final.pth"))
     res2, _ = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), out, opts, "tiny")
     assert res2 == res and os.path.getmtime(os.path.join(out, "model_final.pth")) == mtime
+    # the cache key is the merged config, so any changed setting (here in the opts) invalidates it
+    cfg_file = os.path.join(SYN, "faster_rcnn_R18_student.yaml")
+    assert finished_with_config(cfg_file, out, opts)
+    assert not finished_with_config(cfg_file, out, opts + ["SOLVER.BASE_LR", "0.5"])
+    assert not finished_with_config(os.path.join(SYN, "faster_rcnn_R34_teacher.yaml"), out, opts)
 
 
 def test_speed_side_by_side(capsys):
