@@ -19,9 +19,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# Multi-seed benchmark behind docs/RESULTS.md (long: about an hour on 2 CPU cores).
+# Multi-seed benchmark behind docs/RESULTS.md (long: about 3.5 hours on 2 CPU cores;
+# finished runs whose merged config is unchanged are reused, so it can be resumed).
 bench: setup
-	$(PY) -m distill_d2.demo --out output/bench --methods TAR DeFeat --seeds 0 1 --reuse-runs
+	$(PY) -m distill_d2.demo --out output/bench --methods TAR DeFeat Hinton FitNet --seeds 0 1 --reuse-runs
 	$(PY) -m distill_d2.demo --out output/bench --suite retinanet --methods TAR DeFeat --seeds 0 1 --reuse-runs
 
 clean-venv:
