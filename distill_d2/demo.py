@@ -156,7 +156,7 @@ def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thres
                                "height": d["height"], "width": d["width"]}])[0]["instances"]
             inst = inst[inst.scores >= score_thresh].to("cpu")
             vis = Visualizer(img[:, :, ::-1], meta, scale=2.0).draw_instance_predictions(inst).get_image()
-            cv2.putText(vis, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
+            cv2.putText(vis, f"{label} (score >= {score_thresh:g})", (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
             tiles.append(vis)
         columns.append(np.concatenate(tiles, axis=0))
     cv2.imwrite(out_png, np.concatenate(columns, axis=1)[:, :, ::-1])
@@ -175,6 +175,8 @@ SUITES = {
         "DeFeat": "defeat_retinanet_R34_to_R18.yaml",
     }),
 }
+# Score threshold of the predictions PNG: focal-loss (RetinaNet) scores run lower than softmax ones.
+VIS_THRESH = {"frcnn": 0.5, "retinanet": 0.3}
 
 
 def export_distilled_student(config, run_dir, teacher_w):
@@ -258,7 +260,7 @@ def main(argv=None):
         json.dump(runs, f, indent=2)
     plot_results(runs, os.path.join(out, f"results_{args.suite}.png"), f"synthetic val, {args.suite}")
     png = os.path.join(out, f"predictions_{args.suite}.png")
-    draw_predictions(os.path.join(SYN, student_yaml), last, png)
+    draw_predictions(os.path.join(SYN, student_yaml), last, png, score_thresh=VIS_THRESH[args.suite])
     print(f"[demo] wrote results_{args.suite}.md/.json/.png and predictions_{args.suite}.png in {out}", flush=True)
 
 
