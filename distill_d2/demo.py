@@ -32,12 +32,12 @@ def finished_with_config(config, out_dir, opts):
     its ``_BASE_`` files, invalidates the cached run)."""
     import yaml
 
-    from .engine import setup_cfg
+    from .engine import load_cfg
 
     saved = os.path.join(out_dir, "config.yaml")
     if not (os.path.isfile(os.path.join(out_dir, "results.json")) and os.path.isfile(saved)):
         return False
-    cfg = setup_cfg(argparse.Namespace(config_file=config, opts=[str(o) for o in opts] + ["OUTPUT_DIR", out_dir]))
+    cfg = load_cfg(config, list(opts) + ["OUTPUT_DIR", out_dir])
     with open(saved) as f:
         return yaml.safe_load(f) == yaml.safe_load(cfg.dump())
 
@@ -138,9 +138,9 @@ def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thres
     from detectron2.modeling import build_model
     from detectron2.utils.visualizer import Visualizer
 
-    from .engine import setup_cfg
+    from .engine import load_cfg
 
-    cfg = setup_cfg(argparse.Namespace(config_file=cfg_file, opts=["MODEL.DEVICE", "cpu"]))
+    cfg = load_cfg(cfg_file, ["MODEL.DEVICE", "cpu"])
     name = cfg.DATASETS.TEST[0]
     dicts, meta = DatasetCatalog.get(name)[:n_images], MetadataCatalog.get(name)
     columns = []
@@ -156,7 +156,8 @@ def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thres
                                "height": d["height"], "width": d["width"]}])[0]["instances"]
             inst = inst[inst.scores >= score_thresh].to("cpu")
             vis = Visualizer(img[:, :, ::-1], meta, scale=2.0).draw_instance_predictions(inst).get_image()
-            cv2.putText(vis, f"{label} (score >= {score_thresh:g})", (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
+            cv2.putText(vis, f"{label} (score >= {score_thresh:g})", (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7,
+                        (255, 255, 255), 2)
             tiles.append(vis)
         columns.append(np.concatenate(tiles, axis=0))
     cv2.imwrite(out_png, np.concatenate(columns, axis=1)[:, :, ::-1])
@@ -181,11 +182,10 @@ VIS_THRESH = {"frcnn": 0.5, "retinanet": 0.3}
 
 def export_distilled_student(config, run_dir, teacher_w):
     """Export a distillation run's student (kd_* adapters dropped) to ``<run_dir>/student.pth``."""
-    from .engine import setup_cfg
+    from .engine import load_cfg
     from .export import export_student
 
-    cfg = setup_cfg(argparse.Namespace(config_file=config,
-                                       opts=["DISTILL.TEACHER.WEIGHTS", teacher_w, "MODEL.DEVICE", "cpu"]))
+    cfg = load_cfg(config, ["DISTILL.TEACHER.WEIGHTS", teacher_w, "MODEL.DEVICE", "cpu"])
     out = os.path.join(run_dir, "student.pth")
     export_student(cfg, os.path.join(run_dir, "model_final.pth"), out)
     return out

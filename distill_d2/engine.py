@@ -91,21 +91,27 @@ class Trainer(DefaultTrainer):
 
 
 def setup_cfg(args):
-    """Config from ``args.config_file`` + ``args.opts`` (teacher path resolved to absolute)."""
+    """Config from the command line's ``args.config_file`` + ``args.opts``."""
+    return load_cfg(args.config_file, args.opts)
+
+
+def load_cfg(config_file, opts=()):
+    """Frozen config: detectron2 defaults + DISTILL keys, ``config_file``, then ``opts``
+    (KEY VALUE pairs, any value type); the teacher's config path is resolved to absolute."""
     from .teacher import resolve_config_path
 
     cfg = get_cfg()
     add_distill_config(cfg)
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"Config file '{args.config_file}' not found.")
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"Config file '{config_file}' not found.")
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list([str(o) for o in opts])
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu).")
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
         cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_config_path(
-            cfg.DISTILL.TEACHER.CONFIG_FILE, os.path.dirname(os.path.abspath(args.config_file))
+            cfg.DISTILL.TEACHER.CONFIG_FILE, os.path.dirname(os.path.abspath(config_file))
         )
     cfg.freeze()
     return cfg

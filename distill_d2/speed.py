@@ -35,12 +35,13 @@ def main(argv=None):
 
     import distill_d2  # noqa: F401
 
-    from .engine import Trainer, setup_cfg
+    from .engine import Trainer, load_cfg
     from .teacher import get_teacher_cfg
 
-    models, tmp = [], tempfile.mkdtemp()
+    models, tmp, data_cfg = [], tempfile.mkdtemp(), None
     for path in args.configs:
-        cfg = setup_cfg(argparse.Namespace(config_file=path, opts=list(args.opts) + ["MODEL.DEVICE", "cpu"]))
+        cfg = load_cfg(path, list(args.opts) + ["MODEL.DEVICE", "cpu"])
+        data_cfg = data_cfg or cfg  # the batches come from the first config
         if args.random_teacher and cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
             teacher = build_model(get_teacher_cfg(cfg))
             w = os.path.join(tmp, f"teacher{len(models)}")
@@ -55,8 +56,7 @@ def main(argv=None):
             model.setup_teacher()
         model.train()
         models.append((os.path.basename(path), model, Trainer.build_optimizer(cfg, model)))
-    data = iter(build_detection_train_loader(setup_cfg(argparse.Namespace(
-        config_file=args.configs[0], opts=list(args.opts) + ["MODEL.DEVICE", "cpu"]))))
+    data = iter(build_detection_train_loader(data_cfg))
     times = {name: [] for name, _, _ in models}
     with EventStorage():
         for i in range(args.warmup + args.iters):

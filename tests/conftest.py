@@ -49,12 +49,10 @@ TINY_OPTS = [
 
 def tiny_cfg(config_file, *opts):
     """Load a config with TINY_OPTS + ``opts`` (strings) through train_net's set-up."""
-    from argparse import Namespace
-
-    from distill_d2.engine import setup_cfg
+    from distill_d2.engine import load_cfg
 
     path = config_file if os.path.isabs(config_file) else os.path.join(SYN, config_file)
-    return setup_cfg(Namespace(config_file=path, opts=TINY_OPTS + [str(o) for o in opts]))
+    return load_cfg(path, TINY_OPTS + list(opts))
 
 
 @pytest.fixture(scope="session")
