@@ -44,7 +44,9 @@ else
         --implementation cp --target "$SP" --upgrade $D2_SPEC
 fi
 
-if ! $PY -c "import distill_d2" 2>/dev/null; then
+# Checked from outside the repo: from its root "import distill_d2" always works.
+PY_ABS="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
+if ! (cd / && "$PY_ABS" -c "import distill_d2" 2>/dev/null); then
     $PIP install -q --no-deps --no-build-isolation -e .
 fi
 $PY -c "import torch, torchvision, detectron2, fvcore, pycocotools, cv2, distill_d2; print('[setup] ok: torch', torch.__version__, '| torchvision', torchvision.__version__, '| detectron2', detectron2.__version__, '| cuda', torch.cuda.is_available())"
