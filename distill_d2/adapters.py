@@ -1,7 +1,8 @@
 """Student->teacher feature adapters (one per distilled level).
 
-Adapters are trained with the student, saved in the distillation checkpoint
-under ``kd_adapters.*`` and dropped by ``distill_d2.export``.
+Adapters belong to the term that uses them: trained with the student, saved
+in the distillation checkpoint under ``kd_terms.<Term>.adapters.*`` and
+dropped by ``distill_d2.export``.
 """
 import torch
 import torch.nn as nn
@@ -40,17 +41,17 @@ def conv3x3_relu(cin, cout):
 @ADAPTER_REGISTRY.register()
 def identity(cin, cout):
     if cin != cout:
-        raise ValueError(
-            f"DISTILL.FEAT.ADAPTER 'identity' needs equal channels, got student {cin} vs teacher {cout}: "
-            "use 'conv1x1' or 'conv3x3'."
-        )
+        raise ValueError(f"'identity' needs equal channels, got student {cin} vs teacher {cout}: use 'conv1x1' or 'conv3x3'.")
     return nn.Identity()
 
 
-def build_adapters(kind, levels, student_channels, teacher_channels):
-    """``nn.ModuleDict`` {level: adapter(student C_l -> teacher C_l)}."""
+def build_adapters(kind, levels, student_channels, teacher_channels, key="DISTILL.FEAT.ADAPTER"):
+    """``nn.ModuleDict`` {level: adapter(student C_l -> teacher C_l)}; ``key`` names the setting in errors."""
     try:
         fn = ADAPTER_REGISTRY.get(kind)
     except KeyError:
-        raise ValueError(f"Unknown DISTILL.FEAT.ADAPTER '{kind}'; registered: {sorted(k for k, _ in ADAPTER_REGISTRY)}")
-    return nn.ModuleDict({lv: fn(student_channels[lv], teacher_channels[lv]) for lv in levels})
+        raise ValueError(f"Unknown {key} '{kind}'; registered: {sorted(k for k, _ in ADAPTER_REGISTRY)}")
+    try:
+        return nn.ModuleDict({lv: fn(student_channels[lv], teacher_channels[lv]) for lv in levels})
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None

@@ -1,15 +1,15 @@
 """Trainer and command-line set-up shared by train_net.py, the demo and tests."""
+import contextlib
 import json
 import logging
 import os
-import weakref
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.modeling import build_model
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
@@ -41,37 +41,44 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with: CPU-safe DDP, evaluators from metadata, KD hooks.
+@contextlib.contextmanager
+def _cpu_safe_ddp():
+    """detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which
+    DistributedDataParallel rejects for a CPU model (several CPU processes with gloo).
+    For the duration of ``DefaultTrainer.__init__`` it is swapped for one that omits
+    ``device_ids`` when the model is not on CUDA (the only copied behaviour)."""
+    from detectron2.engine import defaults
 
-    Multi-process training without CUDA (gloo) needs DDP built without
-    ``device_ids``; detectron2's ``create_ddp_model`` always passes them, so
-    ``__init__`` repeats DefaultTrainer's (otherwise identical) construction.
-    """
+    original = defaults.create_ddp_model
+
+    def create(model, **kwargs):
+        if next(model.parameters()).device.type != "cuda":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    defaults.create_ddp_model = create
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with: CPU-safe DDP, evaluators from metadata, the teacher built (and
+    checked) with the model, KD hooks."""
 
     def __init__(self, cfg):
-        TrainerBase.__init__(self)
-        logger_d2 = logging.getLogger("detectron2")
-        if not logger_d2.isEnabledFor(logging.INFO):
-            from detectron2.utils.logger import setup_logger
+        with _cpu_safe_ddp():
+            super().__init__(cfg)
 
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        if hasattr(model, "setup_teacher"):
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        if getattr(model, "is_distiller", False):
             model.setup_teacher()  # build + check the teacher now: errors surface before training
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        ddp_kwargs = {} if on_cuda else {"device_ids": None}
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+            for line in model.describe_terms():
+                logger.info("Distillation term %s", line)
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -109,12 +116,36 @@ def load_cfg(config_file, opts=()):
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu).")
         cfg.MODEL.DEVICE = "cpu"
-    if cfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
+    if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
         cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_config_path(
             cfg.DISTILL.TEACHER.CONFIG_FILE, os.path.dirname(os.path.abspath(config_file))
         )
+    else:
+        check_no_distill_block(cfg)
     cfg.freeze()
     return cfg
+
+
+def is_distiller_arch(name):
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    try:
+        return getattr(META_ARCH_REGISTRY.get(name), "is_distiller", False)
+    except KeyError:
+        return False
+
+
+def check_no_distill_block(cfg):
+    """A DISTILL setting on a plain detector would train a plain student without a word: refuse."""
+    from .terms import changed_keys, default_distill_node
+
+    changed = changed_keys(cfg.DISTILL, default_distill_node())
+    if changed:
+        raise ValueError(
+            f"The config sets DISTILL.{', DISTILL.'.join(changed)} but MODEL.META_ARCHITECTURE is "
+            f"'{cfg.MODEL.META_ARCHITECTURE}', a plain detector that ignores them (no distillation would happen). "
+            "Set MODEL.META_ARCHITECTURE to DistillGeneralizedRCNN or DistillRetinaNet, or remove the DISTILL block."
+        )
 
 
 def write_results(cfg, results, name="results.json"):
@@ -132,7 +163,7 @@ def main(args):
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:
             raise ValueError("--eval-only needs weights: pass MODEL.WEIGHTS /path/to/model.pth (or --resume).")
-        model = Trainer.build_model(cfg)
+        model = build_model(cfg)  # inference never uses the teacher: it is not built
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         write_results(cfg, res, "eval_results.json")

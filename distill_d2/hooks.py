@@ -39,7 +39,8 @@ def kd_weight(it, max_iter, decay_cfg):
 
 
 class KDWeightScheduler(HookBase):
-    """Sets ``model.kd_weight = lambda(iter)`` before each step and logs it as ``kd_weight``."""
+    """Sets ``model.kd_weight = lambda(iter)`` before each step and logs it as ``kd_weight``;
+    after the step, logs the terms' scalars (gate pass rates, ...)."""
 
     def __init__(self, decay_cfg, max_iter):
         self._cfg = decay_cfg
@@ -51,6 +52,11 @@ class KDWeightScheduler(HookBase):
         lam = kd_weight(self.trainer.iter, self._max_iter, self._cfg)
         unwrap(self.trainer.model).kd_weight = lam
         self.trainer.storage.put_scalar("kd_weight", lam, smoothing_hint=False)
+
+    def after_step(self):
+        from .engine import unwrap
+
+        unwrap(self.trainer.model).log_kd_scalars(self.trainer.storage)
 
 
 class TeacherEvalHook(HookBase):

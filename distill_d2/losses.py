@@ -87,7 +87,7 @@ def cls_kd_loss(student_logits, teacher_logits, gt_classes, num_classes, tempera
     positive RoIs (``gt_classes < num_classes``) or all RoIs.
 
     Returns:
-        (loss, fraction of R passing the gate).
+        (loss, fraction of R passing the gate as a 0-dim tensor; 0 when R is empty).
     """
     if rois not in ("positive", "all"):
         raise ValueError(f"Unknown DISTILL.CLS.ROIS '{rois}': use 'positive' or 'all'.")
@@ -97,65 +97,67 @@ def cls_kd_loss(student_logits, teacher_logits, gt_classes, num_classes, tempera
         keep = sel & teacher_better_cls_gate(student_logits, teacher_logits, gt_classes)
     elif gate != "none":
         raise ValueError(f"Unknown DISTILL.CLS.GATE '{gate}': use 'none' or 'teacher_better'.")
-    n = sel.sum()
-    loss = (kl_rows(student_logits, teacher_logits, temperature) * keep).sum() / n.clamp(min=1)
-    frac = (keep.sum() / n.clamp(min=1)).item() if n > 0 else 0.0
-    return loss, frac
+    n = sel.sum().clamp(min=1)
+    loss = (kl_rows(student_logits, teacher_logits, temperature) * keep).sum() / n
+    return loss, keep.sum() / n
 
 
 def class_deltas(deltas, classes):
-    """(R, 4) deltas of ``classes`` from class-specific (R, 4K) or agnostic (R, 4) deltas."""
+    """(R, 4) deltas of ``classes`` from class-specific (R, 4K) or agnostic (R, 4) deltas.
+
+    ``classes`` outside [0, K) (background, ignored) read class 0; callers mask those rows.
+    """
     if deltas.shape[1] == 4:
         return deltas
     r = deltas.shape[0]
-    return deltas.view(r, -1, 4)[torch.arange(r, device=deltas.device), classes]
+    k = deltas.shape[1] // 4
+    idx = torch.where((classes >= 0) & (classes < k), classes, torch.zeros_like(classes))
+    return deltas.view(r, k, 4).gather(1, idx.view(r, 1, 1).expand(r, 1, 4))[:, 0]
 
 
 def box_kd_loss(student_deltas, teacher_deltas, proposals, gt_boxes, gt_classes, num_classes, box2box_transform,
                 gate="teacher_vs_proposal", beta=0.0, normalizer="num_rois"):
     """TAR box-regression KD on positive RoIs where the teacher localises better.
 
+    Every row is computed and masked (no indexing by a data-dependent count,
+    so no host sync).
+
     Args:
         student_deltas, teacher_deltas: (R, 4K) or (R, 4) predicted deltas.
-        proposals, gt_boxes: (R, 4) XYXY proposal and matched gt boxes.
+        proposals, gt_boxes: (R, 4) XYXY proposal/anchor and matched gt boxes.
         gate: "teacher_vs_proposal": IoU(decode(d_t), gt) > IoU(proposal, gt);
             "teacher_vs_student": ... > IoU(decode(d_s), gt); "none".
         gt_classes: (R,) in [0, K] (K = background); -1 (ignored anchors) is skipped.
         normalizer: "num_rois" (all R, like detectron2's box loss), "num_pos"
             (positive RoIs/anchors, like RetinaNet's) or "num_gated".
     Returns:
-        (loss, fraction of positive RoIs passing the gate).
+        (loss, fraction of positive RoIs passing the gate as a 0-dim tensor; 0 without positives).
     """
-    pos = torch.nonzero((gt_classes >= 0) & (gt_classes < num_classes)).squeeze(1)
-    if pos.numel() == 0:
-        return student_deltas.sum() * 0.0, 0.0
-    cls = gt_classes[pos]
-    d_s = class_deltas(student_deltas[pos], cls)
-    d_t = class_deltas(teacher_deltas[pos], cls)
-    props, gts = proposals[pos], gt_boxes[pos]
-    if gate == "none":
-        keep = torch.ones(pos.numel(), dtype=torch.bool, device=d_s.device)
-    else:
-        iou_t = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_t, props)), Boxes(gts))
-        if gate == "teacher_vs_proposal":
-            ref = matched_pairwise_iou(Boxes(props), Boxes(gts))
-        elif gate == "teacher_vs_student":
-            ref = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_s.detach(), props)), Boxes(gts))
-        else:
-            raise ValueError(
-                f"Unknown DISTILL.BOX.GATE '{gate}': use teacher_vs_proposal, teacher_vs_student or none."
-            )
-        keep = iou_t > ref
-    per_roi = smooth_l1_loss(d_s, d_t, beta, reduction="none").sum(dim=1) * keep
+    if gate not in ("teacher_vs_proposal", "teacher_vs_student", "none"):
+        raise ValueError(f"Unknown DISTILL.BOX.GATE '{gate}': use teacher_vs_proposal, teacher_vs_student or none.")
+    if normalizer not in ("num_rois", "num_pos", "num_gated"):
+        raise ValueError(f"Unknown DISTILL.BOX.NORMALIZER '{normalizer}': use num_rois, num_pos or num_gated.")
+    pos = (gt_classes >= 0) & (gt_classes < num_classes)
+    d_s = class_deltas(student_deltas, gt_classes)
+    d_t = class_deltas(teacher_deltas, gt_classes)
+    keep = pos
+    if gate != "none":
+        with torch.no_grad():
+            iou_t = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_t, proposals)), Boxes(gt_boxes))
+            if gate == "teacher_vs_proposal":
+                ref = matched_pairwise_iou(Boxes(proposals), Boxes(gt_boxes))
+            else:
+                ref = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_s.detach(), proposals)),
+                                           Boxes(gt_boxes))
+            keep = pos & (iou_t > ref)  # NaN IoUs of background rows compare False
+    per_roi = smooth_l1_loss(d_s, d_t, beta, reduction="none").sum(dim=1)
+    loss = torch.where(keep, per_roi, torch.zeros_like(per_roi)).sum()
+    num_pos, num_kept = pos.sum(), keep.sum()
     if normalizer == "num_rois":
         denom = max(gt_classes.numel(), 1)
-    elif normalizer == "num_pos":
-        denom = max(pos.numel(), 1)
-    elif normalizer == "num_gated":
-        denom = max(int(keep.sum()), 1)
     else:
-        raise ValueError(f"Unknown DISTILL.BOX.NORMALIZER '{normalizer}': use num_rois, num_pos or num_gated.")
-    return per_roi.sum() / denom, keep.float().mean().item()
+        denom = (num_pos if normalizer == "num_pos" else num_kept).clamp(min=1)
+    return loss / denom, num_kept / num_pos.clamp(min=1)
 
 
 def sigmoid_kd_loss(student_logits, teacher_logits, valid, normalizer, temperature=1.0):
@@ -169,14 +171,16 @@ def sigmoid_kd_loss(student_logits, teacher_logits, valid, normalizer, temperatu
     Args:
         student_logits, teacher_logits: (N, R, K).
         valid: (N, R) bool (anchors not ignored by the matcher).
-        normalizer: number of foreground anchors (>= 1).
+        normalizer: number of foreground anchors (int or 0-dim tensor; clamped to >= 1).
     """
     t = temperature
-    s, q = student_logits[valid] / t, teacher_logits[valid] / t
+    s, q = student_logits / t, teacher_logits / t
     p_t = torch.sigmoid(q)
     kl = F.binary_cross_entropy_with_logits(s, p_t, reduction="none") - F.binary_cross_entropy_with_logits(
         q, p_t, reduction="none")
-    return kl.sum() * t * t / max(normalizer, 1)
+    kl = torch.where(valid[..., None], kl, torch.zeros_like(kl))
+    denom = normalizer.clamp(min=1) if torch.is_tensor(normalizer) else max(normalizer, 1)
+    return kl.sum() * t * t / denom
 
 
 def decoupled_kl_loss(student_logits, teacher_logits, labels, num_classes, temperature=1.0, bg_temperature=None):
@@ -189,9 +193,8 @@ def decoupled_kl_loss(student_logits, teacher_logits, labels, num_classes, tempe
     Returns:
         (fg loss, bg loss).
     """
-    fg = labels < num_classes
+    fg = (labels < num_classes).to(student_logits.dtype)
     bg_t = temperature if bg_temperature is None or bg_temperature <= 0 else bg_temperature
-    rows_fg = kl_rows(student_logits[fg], teacher_logits[fg], temperature)
-    rows_bg = kl_rows(student_logits[~fg], teacher_logits[~fg], bg_t)
-    zero = student_logits.sum() * 0.0
-    return (rows_fg.mean() if rows_fg.numel() else zero), (rows_bg.mean() if rows_bg.numel() else zero)
+    rows_fg = kl_rows(student_logits, teacher_logits, temperature)
+    rows_bg = rows_fg if bg_t == temperature else kl_rows(student_logits, teacher_logits, bg_t)
+    return (rows_fg * fg).sum() / fg.sum().clamp(min=1), (rows_bg * (1 - fg)).sum() / (1 - fg).sum().clamp(min=1)

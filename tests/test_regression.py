@@ -1,8 +1,9 @@
 """Every synthetic preset's loss dict matches the values recorded before the term-registry refactor.
 
 ``tests/data/preset_losses.json`` was written by ``python tests/test_regression.py --write``
-on commit 566eb8b (the code before distillation terms became registered
-components): each preset (and variants that switch on the optional terms) with
+on commit 94b1f56 (the code before distillation terms became registered
+components; the two variant cases then used the old on/off keys, translated
+1:1 into DISTILL.TERMS below): each preset (and variants that switch on the optional terms) with
 a randomly initialised tiny teacher, a fixed 2-image batch (no random flip),
 adapters initialised from a fixed per-level rule, and torch seed 1 before the
 forward. Every ``loss_kd_*`` and detection loss must match to 1e-6 relative,
@@ -23,16 +24,19 @@ FRCNN_T, RETINA_T = "faster_rcnn_R34_teacher.yaml", "retinanet_R34_teacher.yaml"
 # case name -> (preset, teacher config, extra opts)
 CASES = {
     "tar": ("tar_R34_to_R18.yaml", FRCNN_T, []),
+    # recorded with DISTILL.PROPOSALS.REVERSE True (now the term ReverseRoIClsKD)
     "tar_gates_reverse": ("tar_R34_to_R18.yaml", FRCNN_T, [
         "DISTILL.CLS.GATE", "teacher_better", "DISTILL.BOX.GATE", "teacher_vs_student",
-        "DISTILL.PROPOSALS.REVERSE", "True", "DISTILL.BOX.NORMALIZER", "num_gated"]),
+        "DISTILL.TERMS", "['FeatureKD', 'RoIClsKD', 'RoIBoxKD', 'ReverseRoIClsKD']",
+        "DISTILL.BOX.NORMALIZER", "num_gated"]),
     "tar_mean_box_mask": ("tar_R34_to_R18.yaml", FRCNN_T, ["DISTILL.FEAT.MASK", "box", "DISTILL.FEAT.NORM", "mean"]),
     "hinton": ("hinton_R34_to_R18.yaml", FRCNN_T, []),
     "fitnet": ("fitnet_R34_to_R18.yaml", FRCNN_T, []),
     "defeat": ("defeat_R34_to_R18.yaml", FRCNN_T, []),
+    # recorded with DISTILL.DEFEAT_CLS.ENABLED True, DISTILL.BACKBONE.ENABLED True (now terms)
     "defeat_proposals_backbone": ("defeat_R34_to_R18.yaml", FRCNN_T, [
-        "DISTILL.DEFEAT_CLS.ENABLED", "True", "DISTILL.DEFEAT_CLS.BG_TEMPERATURE", "2.0",
-        "DISTILL.BACKBONE.ENABLED", "True"]),
+        "DISTILL.TERMS", "['DecoupledFeatureKD', 'DecoupledProposalKD', 'DecoupledBackboneKD']",
+        "DISTILL.DEFEAT_CLS.BG_TEMPERATURE", "2.0"]),
     "tar_retinanet": ("tar_retinanet_R34_to_R18.yaml", RETINA_T, []),
     "defeat_retinanet": ("defeat_retinanet_R34_to_R18.yaml", RETINA_T, []),
     "cross_retinanet_to_frcnn": ("cross_retinanet_R34_to_frcnn_R18.yaml", RETINA_T, []),
@@ -58,8 +62,14 @@ STEER = {"tar_gates_reverse": steer_gates}
 
 def adapter_key(name):
     """Stable key of an adapter parameter, independent of where the module lives:
-    ("neck" | "backbone", level, parameter path inside the adapter), or None."""
+    ("neck" | "backbone", level, parameter path inside the adapter), or None.
+    Old layout: kd_adapters.<level>.*, kd_bb_adapters.<level>.*; now
+    kd_terms.<Term>.adapters.<level>.* (DecoupledBackboneKD = backbone)."""
     parts = name.split(".")
+    if parts[0] == "kd_terms" and "adapters" in parts:
+        i = parts.index("adapters")
+        kind = "backbone" if parts[1] == "DecoupledBackboneKD" else "neck"
+        return f"{kind}/{parts[i + 1]}/{'.'.join(parts[i + 2:])}"
     for kind, marker in (("backbone", "kd_bb_adapters"), ("neck", "kd_adapters")):
         if marker in parts:
             i = parts.index(marker)

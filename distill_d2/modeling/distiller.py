@@ -1,23 +1,38 @@
 """Machinery shared by the distillation meta-architectures.
 
-``DistillerMixin`` holds the frozen teacher outside the module tree (so it is
-in no optimizer, no DDP sync and no checkpoint), the per-level adapters
-(``kd_adapters`` / ``kd_bb_adapters``, saved with the student, dropped on
-export), the KD weight lambda set by :class:`distill_d2.hooks.KDWeightScheduler`,
-and the feature KD (neck and, optionally, bottom-up backbone).
+``DistillerMixin`` is put before a detectron2 meta-arch
+(``class DistillRetinaNet(DistillerMixin, RetinaNet)``). A training step:
+
+1. the *unchanged* detectron2 forward of the student runs (its own losses),
+   while forward hooks record what it saw: the preprocessed batch, every
+   named backbone output (bottom-up stages and FPN levels) and, for the
+   head terms, the samples and head outputs (subclass ``_record_hooks`` /
+   ``_record_heads``);
+2. the frozen teacher preprocesses the same batch and runs its backbone once
+   (no grad), and, only when an enabled term needs them, its head on the
+   student's samples;
+3. every term in ``kd_terms`` (``DISTILL.TERMS``) reads that
+   :class:`~distill_d2.record.StepRecord` and returns ``loss_kd_*`` values;
+   they are multiplied by lambda(iter) (``kd_weight``, set by
+   :class:`distill_d2.hooks.KDWeightScheduler`).
+
+The teacher is held outside the module tree (in no optimizer, DDP sync or
+checkpoint); the terms' adapters are saved with the student as
+``kd_terms.*`` and dropped on export. At inference the model is exactly the
+student.
 """
 import contextlib
 import logging
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling import build_backbone
-from detectron2.utils.events import get_event_storage
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.meta_arch import DenseDetector, GeneralizedRCNN
 
-from ..adapters import build_adapters
-from ..losses import decoupled_feature_loss, masked_feature_loss
-from ..masks import build_masks, defeat_backbone_masks
+from ..hooks import kd_weight
+from ..record import StepRecord
 from ..teacher import TeacherError, build_teacher, check_compatible, get_teacher_cfg
+from ..terms import BuildContext, build_terms, term_name
 
 logger = logging.getLogger(__name__)
 
@@ -34,34 +49,48 @@ def bottom_up(backbone):
     return getattr(backbone, "bottom_up", backbone)
 
 
+def all_output_shapes(backbone):
+    """{name: ShapeSpec} of every named output: bottom-up stages and the backbone's own outputs."""
+    return {**bottom_up(backbone).output_shape(), **backbone.output_shape()}
+
+
+def family_of(meta_arch_name):
+    """"rcnn", "dense" or "other" for a registered META_ARCHITECTURE name."""
+    cls = META_ARCH_REGISTRY.get(meta_arch_name)
+    if issubclass(cls, GeneralizedRCNN):
+        return "rcnn"
+    if issubclass(cls, DenseDetector):
+        return "dense"
+    return "other"
+
+
 @contextlib.contextmanager
-def capture_outputs(module, store, enabled=True):
-    """Record ``module``'s forward output into ``store["out"]`` while inside the block."""
-    if not enabled:
-        yield store
-        return
-    handle = module.register_forward_hook(lambda m, i, o: store.__setitem__("out", o))
+def forward_hooks(pairs):
+    """Register ``(module, fn(output))`` forward hooks for the duration of the block."""
+    handles = [m.register_forward_hook(lambda mod, inp, out, fn=fn: fn(out)) for m, fn in pairs]
     try:
-        yield store
+        yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 class DistillerMixin:
     """Mixin put before a detectron2 meta-arch: ``class X(DistillerMixin, RetinaNet)``.
 
     The student is built exactly as the plain meta-arch from the same config;
-    then ``_check_student`` (override) and the distillation parts.
+    then the terms (built and checked now, not at the first step).
     """
 
     is_distiller = True
     #: META_ARCHITECTURE of the plain student (used by export)
     STUDENT_META_ARCH = None
+    #: "rcnn" or "dense": which head terms apply
+    FAMILY = None
 
     @configurable
     def __init__(self, *, cfg, **kwargs):
         super().__init__(**kwargs)
-        self._check_student(cfg)
         self._init_distiller(cfg)
 
     @classmethod
@@ -70,71 +99,55 @@ class DistillerMixin:
         ret["cfg"] = cfg
         return ret
 
-    def _check_student(self, cfg):
-        """Abort if the student cannot be distilled by this meta-arch (override)."""
-
     def _init_distiller(self, cfg):
         self.distill_cfg = cfg.DISTILL
         self.kd_weight = 1.0
-        self.head_kd = cfg.DISTILL.CLS.ENABLED or cfg.DISTILL.BOX.ENABLED  # revisited once the teacher exists
+        kd_weight(0, 1, cfg.DISTILL.DECAY)  # unknown DISTILL.DECAY.TYPE fails now
         self.teacher_cfg = get_teacher_cfg(cfg)
         self._student_cfg = cfg
         object.__setattr__(self, "_teacher", None)  # not a registered submodule, on purpose
-        t_backbone, t_shapes = teacher_backbone_shapes(self.teacher_cfg)
-        s_shapes = self.backbone.output_shape()
-        feat = cfg.DISTILL.FEAT
-        self.kd_levels = list(feat.LEVELS) if feat.ENABLED else []
-        check_compatible(self.backbone, t_backbone, self.kd_levels, cfg, self.teacher_cfg)
-        self.kd_levels.sort(key=lambda lv: s_shapes[lv].stride)  # finest first (DeFeat's level index)
-        if self.kd_levels:
-            self.kd_adapters = build_adapters(
-                feat.ADAPTER, self.kd_levels,
-                {lv: s_shapes[lv].channels for lv in self.kd_levels},
-                {lv: t_shapes[lv].channels for lv in self.kd_levels},
-            )
-        self._kd_strides = {lv: s_shapes[lv].stride for lv in self.kd_levels}
+        self._rec = None  # raw recordings of the step in progress
+        self._pending_scalars = []
+        self._teacher_checked = False
+        t_backbone, _ = teacher_backbone_shapes(self.teacher_cfg)
+        check_compatible(self.backbone, t_backbone, [], cfg, self.teacher_cfg)  # classes, padding
+        ctx = BuildContext(cfg=cfg, teacher_cfg=self.teacher_cfg, family=self.FAMILY,
+                           teacher_family=family_of(self.teacher_cfg.MODEL.META_ARCHITECTURE),
+                           student_shapes=all_output_shapes(self.backbone),
+                           teacher_shapes=all_output_shapes(t_backbone), student=self)
+        self.kd_terms = build_terms(cfg, ctx)
+        needs = set().union(*(t.needs for t in self.kd_terms.values()))
+        self.needs_heads = "heads" in needs
+        if needs & {"heads", "same_family"}:
+            self._check_head_terms_supported([n for n, t in self.kd_terms.items() if t.needs])
+        self._register_load_state_dict_pre_hook(self._upgrade_legacy_keys)
 
-        bb = cfg.DISTILL.BACKBONE
-        self.kd_bb_levels = list(bb.LEVELS) if bb.ENABLED else []
-        if self.kd_bb_levels:
-            s_bu, t_bu = bottom_up(self.backbone), bottom_up(t_backbone)
-            check_compatible(s_bu, t_bu, self.kd_bb_levels, cfg, self.teacher_cfg)
-            s_bu_shapes, t_bu_shapes = s_bu.output_shape(), t_bu.output_shape()
-            self.kd_bb_adapters = build_adapters(
-                bb.ADAPTER, self.kd_bb_levels,
-                {lv: s_bu_shapes[lv].channels for lv in self.kd_bb_levels},
-                {lv: t_bu_shapes[lv].channels for lv in self.kd_bb_levels},
-            )
-            self._kd_bb_strides = {lv: s_bu_shapes[lv].stride for lv in self.kd_bb_levels}
+    def _check_head_terms_supported(self, names):
+        """Abort if the student's heads cannot be recorded for head terms ``names`` (override)."""
+
+    def _upgrade_legacy_keys(self, state_dict, prefix, *args):
+        """Checkpoints from before the term registry saved adapters as ``kd_adapters.*`` /
+        ``kd_bb_adapters.*``: load them into the term that owns them now."""
+        for name, term in self.kd_terms.items():
+            old = f"{prefix}{term.legacy_prefix}." if term.legacy_prefix else None
+            for k in [k for k in state_dict if old and k.startswith(old)]:
+                new = f"{prefix}kd_terms.{name}.adapters.{k[len(old):]}"
+                logger.warning("Checkpoint key %s (old layout) loaded as %s", k, new)
+                state_dict[new] = state_dict.pop(k)
 
     # ------------------------------------------------------------ teacher
     def setup_teacher(self):
         """Build, load, freeze and check the teacher (idempotent); returns it."""
         if self._teacher is None:
-            # levels/strides/classes were checked in _init_distiller on the same teacher config
             teacher, _ = build_teacher(self._student_cfg)
-            if self.head_kd and not self._same_family(teacher):
-                logger.warning(
-                    "Head KD (DISTILL.CLS / DISTILL.BOX) disabled: the teacher is a %s and the student a %s; "
-                    "only feature KD on %s runs.", type(teacher).__name__, type(self).__name__,
-                    self.kd_levels + self.kd_bb_levels,
-                )
-                self.head_kd = False
-            if self.head_kd:
-                self._check_heads(teacher)
+            for term in self.kd_terms.values():
+                term.check_teacher(self, teacher)
             object.__setattr__(self, "_teacher", teacher.to(self.device))
         return self._teacher
 
     @property
     def teacher(self):
         return self.setup_teacher()
-
-    def _same_family(self, teacher):
-        """Whether the teacher's heads produce what the student's head KD compares (override)."""
-        return True
-
-    def _check_heads(self, teacher):
-        """Meta-arch specific teacher/student head checks (override)."""
 
     def _apply(self, fn, *args, **kwargs):
         # keep the unregistered teacher on the student's device/dtype
@@ -162,82 +175,106 @@ class DistillerMixin:
             )
         return t_images
 
-    def run_backbones(self, batched_inputs):
-        """Preprocess the batch for both models; student backbone (grad) and teacher backbone (no grad).
+    # ------------------------------------------------------------ one step
+    def preprocess_image(self, batched_inputs):
+        images = super().preprocess_image(batched_inputs)
+        if self._rec is not None:
+            self._rec["images"] = images
+        return images
 
-        Returns:
-            dict with ``images``, ``t_images`` (ImageList), ``gt_instances``, ``features``,
-            ``t_features`` ({level: (N,C,H,W)}) and ``s_bottom_up``, ``t_bottom_up`` (the
-            bottom-up outputs, only with DISTILL.BACKBONE; else None).
-        """
-        self.setup_teacher()
-        images = self.preprocess_image(batched_inputs)
+    def _record_hooks(self, raw):
+        """(module, fn(output)) pairs recording the student's head outputs into ``raw`` (override)."""
+        return []
+
+    def _record_heads(self, rec, raw):
+        """Fill ``rec.rois`` / ``rec.dense`` from ``raw`` and the teacher's head (override)."""
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return super().forward(batched_inputs)
+        teacher = self.setup_teacher()
+        raw = {}
+        hooks = [(self.backbone, lambda out: raw.__setitem__("features", out))]
+        if bottom_up(self.backbone) is not self.backbone:
+            hooks.append((bottom_up(self.backbone), lambda out: raw.__setitem__("bottom_up", out)))
+        if self.needs_heads:
+            hooks += self._record_hooks(raw)
+        self._rec = raw
+        try:
+            with forward_hooks(hooks):
+                losses = super().forward(batched_inputs)  # detectron2's own training forward
+        finally:
+            self._rec = None
+        rec = self._record_teacher(batched_inputs, raw, teacher)
+        if self.needs_heads:
+            self._record_heads(rec, raw)
+        if not self._teacher_checked:
+            self._check_teacher_outputs(rec)
+        kd, scalars = {}, {}
+        for name, term in self.kd_terms.items():
+            t_losses, t_scalars = term(rec)
+            clash = set(t_losses) & (set(kd) | set(losses))
+            if clash or not all(k.startswith("loss_kd_") for k in t_losses):
+                raise ValueError(f"Term {name} returned {sorted(t_losses)}: names must start with 'loss_kd_' and "
+                                 f"not repeat another term's or a detection loss ({sorted(clash)}).")
+            kd.update(t_losses)
+            scalars.update(t_scalars)
+        losses.update(self.weigh_kd(kd, scalars))
+        return losses
+
+    def _record_teacher(self, batched_inputs, raw, teacher):
+        """The step record: the student's recorded outputs + the teacher's backbone on the same batch."""
+        images = raw["images"]
         t_images = self.teacher_preprocess(batched_inputs, images)
-        need = bool(self.kd_bb_levels)
-        s_cap, t_cap = {}, {}
-        with capture_outputs(bottom_up(self.backbone), s_cap, need):
-            s_feat = self.backbone(images.tensor)
-        with torch.no_grad(), capture_outputs(bottom_up(self._teacher.backbone), t_cap, need):
-            t_feat = self._teacher.backbone(t_images.tensor)
-        return dict(images=images, t_images=t_images, features=s_feat, t_features=t_feat,
-                    gt_instances=[x["instances"].to(self.device) for x in batched_inputs],
-                    s_bottom_up=s_cap.get("out"), t_bottom_up=t_cap.get("out"))
+        t_raw = {}
+        t_hooks = []
+        if bottom_up(teacher.backbone) is not teacher.backbone:
+            t_hooks.append((bottom_up(teacher.backbone), lambda out: t_raw.__setitem__("bottom_up", out)))
+        with torch.no_grad(), forward_hooks(t_hooks):
+            t_feat = teacher.backbone(t_images.tensor)
+        strides = {k: v.stride for k, v in all_output_shapes(self.backbone).items()}
+        return StepRecord(
+            student=self, teacher=teacher, images=images, t_images=t_images,
+            gt_instances=[x["instances"].to(self.device) for x in batched_inputs],
+            features={**raw.get("bottom_up", {}), **raw["features"]},
+            t_features={**t_raw.get("bottom_up", {}), **t_feat}, strides=strides,
+        )
 
-    # ------------------------------------------------------------ feature KD
-    def feature_kd_losses(self, features, t_features, gt_instances, s_bottom_up=None, t_bottom_up=None, **unused):
-        """Neck (and optionally backbone) feature imitation; takes :meth:`run_backbones`'s dict as kwargs.
-
-        Returns:
-            {"loss_kd_feat"} or, with FEAT.NORM "decoupled", {"loss_kd_feat_fg",
-            "loss_kd_feat_bg"}; plus {"loss_kd_backbone_fg", "loss_kd_backbone_bg"}
-            with DISTILL.BACKBONE. Weighted by the config weights, not by lambda.
-        """
-        dc = self.distill_cfg
-        feat = dc.FEAT
-        gt_boxes = [x.gt_boxes.tensor for x in gt_instances]
-        out = {}
-        if self.kd_levels:
-            shapes = {lv: (self._kd_strides[lv], *features[lv].shape[-2:]) for lv in self.kd_levels}
-            masks = build_masks(feat.MASK, gt_boxes, shapes, feat)
-            adapted = {lv: self.kd_adapters[lv](features[lv]) for lv in self.kd_levels}
-            target = {lv: t_features[lv] for lv in self.kd_levels}
-            if feat.NORM == "decoupled":
-                fg, bg = decoupled_feature_loss(adapted, target, masks)
-                out["loss_kd_feat_fg"] = feat.WEIGHT * feat.FG_WEIGHT * fg
-                out["loss_kd_feat_bg"] = feat.WEIGHT * feat.BG_WEIGHT * bg
-            else:
-                out["loss_kd_feat"] = feat.WEIGHT * masked_feature_loss(adapted, target, masks, feat.NORM)
-        if self.kd_bb_levels:
-            shapes = {lv: (self._kd_bb_strides[lv], *s_bottom_up[lv].shape[-2:]) for lv in self.kd_bb_levels}
-            masks = defeat_backbone_masks(gt_boxes, shapes)
-            adapted = {lv: self.kd_bb_adapters[lv](s_bottom_up[lv]) for lv in self.kd_bb_levels}
-            fg, bg = decoupled_feature_loss(adapted, {lv: t_bottom_up[lv] for lv in self.kd_bb_levels}, masks)
-            out["loss_kd_backbone_fg"] = dc.BACKBONE.FG_WEIGHT * fg
-            out["loss_kd_backbone_bg"] = dc.BACKBONE.BG_WEIGHT * bg
-        return out
-
-    @staticmethod
-    def check_finite(name, tensor):
-        if not torch.isfinite(tensor).all():
-            raise FloatingPointError(
-                f"The teacher produced non-finite {name}: its weights are broken or do not match its config "
-                "(check DISTILL.TEACHER.WEIGHTS / CONFIG_FILE)."
-            )
-
-    def box_normalizer(self, dense):
-        n = self.distill_cfg.BOX.NORMALIZER
-        if n == "auto":
-            return "num_pos" if dense else "num_rois"
-        return n
+    def _check_teacher_outputs(self, rec):
+        """First step only (a host sync): the teacher's outputs must be finite."""
+        heads = []
+        if rec.rois is not None:
+            heads.append(("class logits", rec.rois.t_logits))
+        if rec.dense is not None:
+            heads.append(("class logits", rec.dense.t_logits))
+        for name, t in [(f"feature map {k}", v) for k, v in rec.t_features.items()] + heads:
+            if not torch.isfinite(t).all():
+                raise FloatingPointError(
+                    f"The teacher produced non-finite {name}: its weights are broken or do not match its config "
+                    "(check DISTILL.TEACHER.WEIGHTS / CONFIG_FILE)."
+                )
+        self._teacher_checked = True
 
     def weigh_kd(self, kd_losses, scalars):
-        """Scale ``loss_kd_*`` terms by lambda; log ``scalars`` (when an EventStorage is active)."""
+        """Scale ``loss_kd_*`` terms by lambda; keep ``scalars`` (tensors) for :meth:`log_kd_scalars`."""
         lam = self.kd_weight
-        out = {k: v * lam for k, v in kd_losses.items()}
-        try:
-            storage = get_event_storage()
-        except AssertionError:  # called outside a trainer (e.g. a unit test without EventStorage)
-            return out
-        for k, v in scalars.items():
-            storage.put_scalar(k, v)
-        return out
+        if scalars:
+            self._pending_scalars.append({k: v.detach() if torch.is_tensor(v) else v for k, v in scalars.items()})
+        return {k: v * lam for k, v in kd_losses.items()}
+
+    def log_kd_scalars(self, storage):
+        """Write the scalars of the steps since the last call to ``storage`` (the only host sync for them;
+        called by KDWeightScheduler after the step). With gradient accumulation the last step's values win."""
+        pending, self._pending_scalars = self._pending_scalars, []
+        for scalars in pending:
+            for k, v in scalars.items():
+                storage.put_scalar(k, v)
+
+    def describe_terms(self):
+        """One line per term: name, what it needs, trainable parameters (for the log)."""
+        return [f"{name}: needs {sorted(t.needs) or 'features only'}, "
+                f"{sum(p.numel() for p in t.parameters())} trainable parameters"
+                for name, t in self.kd_terms.items()]
+
+
+__all__ = ["DistillerMixin", "term_name"]

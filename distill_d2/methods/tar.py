@@ -1,0 +1,134 @@
+"""TAR (Sun et al. 2020): teacher-better box KD and the reverse direction of proposal sharing.
+
+TAR's feature term is ``FeatureKD`` with ``FEAT.MASK gaussian`` and its
+classification term ``RoIClsKD`` / ``DenseClsKD`` (module ``generic``); the
+presets are ``configs/synthetic/tar_*.yaml``.
+
+* ``RoIBoxKD`` (Faster R-CNN) / ``DenseBoxKD`` (RetinaNet) -> ``loss_kd_box``:
+  smooth-L1 between student and teacher deltas of the gt class on positive
+  RoIs/anchors where the teacher localises better (``BOX.GATE``), summed and
+  divided by ``BOX.NORMALIZER``. Logs ``kd/box_gate_frac``.
+* ``ReverseRoIClsKD`` (Faster R-CNN) -> ``loss_kd_cls_reverse``: the teacher's
+  RPN proposals, sampled by the student's sampler, scored by both heads, KL as
+  ``RoIClsKD`` (same CLS.* keys).
+"""
+import torch
+from detectron2.config import CfgNode as CN
+
+from ..losses import box_kd_loss, cls_kd_loss
+from ..modeling.rcnn import sample_teacher_rois, score_rois
+from ..teacher import TeacherError
+from ..terms import DISTILL_TERM_REGISTRY, DistillTerm, check_choice
+from .generic import check_same_anchors
+
+BOX_READS = ("BOX.WEIGHT", "BOX.GATE", "BOX.BETA", "BOX.NORMALIZER")
+
+
+class _BoxKD(DistillTerm):
+    needs = frozenset({"heads"})
+    reads = BOX_READS
+    #: what BOX.NORMALIZER "auto" means for this family
+    auto_normalizer = None
+
+    @classmethod
+    def add_config(cls, d):
+        if "BOX" in d:  # shared by RoIBoxKD and DenseBoxKD
+            return
+        d.BOX = CN()
+        d.BOX.WEIGHT = 1.0
+        # TAR teacher-better gate on positive RoIs/anchors: IoU(teacher box, gt) greater than
+        # IoU(proposal or anchor, gt) ("teacher_vs_proposal", default), than IoU(student box,
+        # gt) ("teacher_vs_student"), or "none" (all positives).
+        d.BOX.GATE = "teacher_vs_proposal"
+        # smooth-L1 beta between student and teacher deltas (0 = L1).
+        d.BOX.BETA = 0.0
+        # Divide the summed loss by "num_rois" (all sampled RoIs, like detectron2's
+        # box loss), "num_pos" (positive RoIs/anchors, like RetinaNet's loss),
+        # "num_gated" (those passing the gate) or "auto" (num_rois for Faster
+        # R-CNN, num_pos for RetinaNet) [choice].
+        d.BOX.NORMALIZER = "auto"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        b = cfg.DISTILL.BOX
+        check_choice("DISTILL.BOX.GATE", b.GATE, ("teacher_vs_proposal", "teacher_vs_student", "none"))
+        check_choice("DISTILL.BOX.NORMALIZER", b.NORMALIZER, ("auto", "num_rois", "num_pos", "num_gated"))
+        self.b = b
+        self.normalizer = self.auto_normalizer if b.NORMALIZER == "auto" else b.NORMALIZER
+
+    @staticmethod
+    def _check_coders(s_t, t_t, key):
+        if tuple(s_t.weights) != tuple(t_t.weights):
+            raise TeacherError(
+                f"Box KD compares deltas, but the student encodes boxes with weights {s_t.weights} and the teacher "
+                f"with {t_t.weights}: set the same {key} or remove the box term from DISTILL.TERMS."
+            )
+
+    def _loss(self, d_s, d_t, anchors, gt_boxes, gt_classes, num_classes, transform):
+        b = self.b
+        loss, frac = box_kd_loss(d_s, d_t, anchors, gt_boxes, gt_classes, num_classes, transform, b.GATE, b.BETA,
+                                 self.normalizer)
+        return {"loss_kd_box": b.WEIGHT * loss}, {"kd/box_gate_frac": frac}
+
+
+@DISTILL_TERM_REGISTRY.register()
+class RoIBoxKD(_BoxKD):
+    """Box KD on the student's sampled RoIs (proposal = the RoI box); "auto" normaliser: all sampled RoIs."""
+
+    families = ("rcnn",)
+    auto_normalizer = "num_rois"
+
+    def check_teacher(self, student, teacher):
+        self._check_coders(student.roi_heads.box_predictor.box2box_transform,
+                           teacher.roi_heads.box_predictor.box2box_transform, "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS")
+
+    def forward(self, rec):
+        r = rec.rois
+        return self._loss(r.deltas, r.t_deltas, r.proposal_boxes, r.gt_boxes, r.gt_classes, r.num_classes,
+                          r.box2box_transform)
+
+
+@DISTILL_TERM_REGISTRY.register()
+class DenseBoxKD(_BoxKD):
+    """Box KD on gt-matched anchors (proposal = the anchor); "auto" normaliser: foreground anchors."""
+
+    families = ("dense",)
+    auto_normalizer = "num_pos"
+
+    def check_teacher(self, student, teacher):
+        check_same_anchors(student, teacher)
+        self._check_coders(student.box2box_transform, teacher.box2box_transform, "MODEL.RETINANET.BBOX_REG_WEIGHTS")
+
+    def forward(self, rec):
+        d = rec.dense
+        n = d.labels.shape[0]
+        anchors = d.anchors[None].expand(n, -1, -1).reshape(-1, 4)
+        return self._loss(d.deltas.reshape(-1, 4), d.t_deltas.reshape(-1, 4), anchors, d.gt_boxes.reshape(-1, 4),
+                          d.labels.reshape(-1), d.num_classes, d.box2box_transform)
+
+
+@DISTILL_TERM_REGISTRY.register()
+class ReverseRoIClsKD(DistillTerm):
+    """Reverse proposal sharing [choice]: KL on the teacher's own RPN proposals sampled by the student's
+    sampler (``CLS.TEMPERATURE``, ``CLS.ROIS``, ``CLS.GATE``, ``CLS.WEIGHT`` as RoIClsKD)."""
+
+    families = ("rcnn",)
+    needs = frozenset({"same_family"})
+    reads = ("CLS.WEIGHT", "CLS.TEMPERATURE", "CLS.ROIS", "CLS.GATE")
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        c = cfg.DISTILL.CLS
+        check_choice("DISTILL.CLS.ROIS", c.ROIS, ("positive", "all"))
+        check_choice("DISTILL.CLS.GATE", c.GATE, ("none", "teacher_better"))
+        self.c = c
+
+    def forward(self, rec):
+        c, student, teacher = self.c, rec.student, rec.teacher
+        with torch.no_grad():
+            rois = sample_teacher_rois(teacher, student.roi_heads, rec.t_images, rec.t_features, rec.gt_instances)
+            t_scores = score_rois(teacher, rec.t_features, rois)[0]
+        s_scores = score_rois(student, rec.features, rois)[0]
+        labels = torch.cat([r.gt_classes for r in rois])
+        loss, _ = cls_kd_loss(s_scores, t_scores, labels, student.roi_heads.num_classes, c.TEMPERATURE, c.ROIS, c.GATE)
+        return {"loss_kd_cls_reverse": c.WEIGHT * loss}, {}
