@@ -47,6 +47,13 @@ TINY_OPTS = [
 ]
 
 
+def adapters(model, term=None):
+    """The adapters ModuleDict of ``term`` (default: the first term that has adapters)."""
+    terms = model.kd_terms
+    name = term or next(n for n, t in terms.items() if hasattr(t, "adapters"))
+    return terms[name].adapters
+
+
 def tiny_cfg(config_file, *opts):
     """Load a config with TINY_OPTS + ``opts`` (strings) through train_net's set-up."""
     from distill_d2.engine import load_cfg

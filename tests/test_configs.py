@@ -7,7 +7,7 @@ import pytest
 from detectron2 import model_zoo
 from detectron2.modeling import build_model
 
-from conftest import REPO
+from conftest import REPO, adapters
 from distill_d2.engine import setup_cfg
 
 VENDORED = ["Base-RCNN-FPN.yaml", "Base-RetinaNet.yaml"] + [
@@ -40,5 +40,5 @@ def test_full_size_coco_presets_build(path):
     model = build_model(cfg)
     assert type(model).__name__ in ("DistillGeneralizedRCNN", "DistillRetinaNet")
     assert model.teacher_cfg.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.DEPTH == 50
-    assert list(model.kd_adapters.keys()) == list(cfg.DISTILL.FEAT.LEVELS)
+    assert list(adapters(model).keys()) == list(cfg.DISTILL.FEAT.LEVELS)
     assert model.teacher_cfg.MODEL.WEIGHTS.startswith("detectron2://COCO-Detection/")

@@ -12,7 +12,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO, SYN, TINY_OPTS, tiny_cfg
+from conftest import REPO, SYN, TINY_OPTS, adapters, tiny_cfg
 from distill_d2.export import export_student, student_cfg_from
 from distill_d2.teacher import TeacherError
 
@@ -39,6 +39,7 @@ def train_steps(model, data, lr=0.002):
             sum(losses.values()).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)  # random teacher: large feature KD
             opt.step()
+            model.log_kd_scalars(storage)
             storage.step()
     return losses, storage
 
@@ -56,7 +57,7 @@ def test_teacher_is_outside_module_tree(model_and_data):
     cfg, model, _ = model_and_data
     keys = model.state_dict().keys()
     assert not any("teacher" in k for k in keys)
-    assert any(k.startswith("kd_adapters.p2") for k in keys)
+    assert any(k.startswith("kd_terms.FeatureKD.adapters.p2") for k in keys)
     teacher_params = {id(p) for p in model.teacher.parameters()}
     assert not teacher_params & {id(p) for p in model.parameters()}
     assert all(not p.requires_grad for p in model.teacher.parameters())
@@ -69,7 +70,7 @@ def test_losses_named_and_teacher_frozen_student_trained(model_and_data):
     cfg, model, data = model_and_data
     t_state = copy.deepcopy(model.teacher.state_dict())  # params and BN buffers
     s_state = copy.deepcopy({k: v for k, v in model.state_dict().items() if not k.startswith("kd_")})
-    a_state = copy.deepcopy(model.kd_adapters.state_dict())
+    a_state = copy.deepcopy(adapters(model).state_dict())
     losses, storage = train_steps(model, data)
     assert {"loss_kd_feat", "loss_kd_cls", "loss_kd_box", "loss_cls", "loss_rpn_cls"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
@@ -78,7 +79,7 @@ def test_losses_named_and_teacher_frozen_student_trained(model_and_data):
     assert any("running_mean" in k for k in t_state)
     changed = [k for k, v in model.state_dict().items() if k in s_state and not torch.equal(v, s_state[k])]
     assert any(k.startswith("backbone.bottom_up") for k in changed) and any(k.startswith("roi_heads") for k in changed)
-    assert all(not torch.equal(v, a_state[k]) for k, v in model.kd_adapters.state_dict().items())
+    assert all(not torch.equal(v, a_state[k]) for k, v in adapters(model).state_dict().items())
     hist = storage.histories()
     assert "kd/cls_gate_frac" in hist and "kd/box_gate_frac" in hist
     assert 0.0 <= hist["kd/box_gate_frac"].latest() <= 1.0
@@ -124,7 +125,7 @@ def test_kd_weight_scales_every_kd_term(model_and_data):
 
 
 def test_reverse_proposals_add_a_term(teacher_ckpt):
-    cfg = distill_cfg(teacher_ckpt, "DISTILL.PROPOSALS.REVERSE", "True")
+    cfg = distill_cfg(teacher_ckpt, "DISTILL.TERMS", "['FeatureKD', 'RoIClsKD', 'RoIBoxKD', 'ReverseRoIClsKD']")
     model = build_model(cfg)
     losses, _ = train_steps(model, batches(cfg, 1))
     assert "loss_kd_cls_reverse" in losses and torch.isfinite(losses["loss_kd_cls_reverse"])
@@ -228,7 +229,7 @@ def test_two_process_cpu_launch_of_distillation(teacher_ckpt, tmp_path, datasets
     assert p.returncode == 0, log[-4000:]
     assert "World size: 2" in log and "loss_kd_feat" in log
     sd = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
-    assert any(k.startswith("kd_adapters") for k in sd) and not any("teacher" in k for k in sd)
+    assert any(k.startswith("kd_terms.FeatureKD.adapters") for k in sd) and not any("teacher" in k for k in sd)
 
 
 # ------------------------------------------------------------ trainer / train_net
@@ -263,7 +264,7 @@ def test_trainer_decay_logging_resume_teacher_eval_and_eval_only(teacher_ckpt, t
     # --eval-only: distill config + distill checkpoint == student config + exported checkpoint
     def eval_only(config, weights, sub):
         argv = ["--config-file", os.path.join(SYN, config), "--eval-only"] + TINY_OPTS + [
-            "OUTPUT_DIR", str(tmp_path / sub), "MODEL.WEIGHTS", weights, "DISTILL.TEACHER.WEIGHTS", teacher_ckpt]
+            "OUTPUT_DIR", str(tmp_path / sub), "MODEL.WEIGHTS", weights]
         return main(default_argument_parser().parse_args(argv))["bbox"]
 
     a = eval_only(TAR, str(out / "model_final.pth"), "ev_distill")

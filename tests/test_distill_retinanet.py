@@ -1,5 +1,4 @@
 """DistillRetinaNet, DeFeat presets, heterogeneous and cross-family pairs (real tiny models, CPU)."""
-import logging
 
 import pytest
 import torch
@@ -8,9 +7,10 @@ from detectron2.data import build_detection_test_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import tiny_cfg
+from conftest import adapters, tiny_cfg
 from distill_d2.export import export_student, student_cfg_from
 from distill_d2.teacher import TeacherError
+from distill_d2.terms import DistillConfigError
 from test_distill_rcnn import batches, train_steps
 
 
@@ -24,9 +24,9 @@ def test_dense_kd_shapes_losses_and_train_step(retina_teacher):
     torch.manual_seed(0)
     model = build_model(cfg)
     assert type(model).__name__ == "DistillRetinaNet"
-    assert list(model.kd_adapters.keys()) == ["p3", "p4", "p5", "p6", "p7"]
+    assert list(adapters(model).keys()) == ["p3", "p4", "p5", "p6", "p7"]
     t_state = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    a_state = {k: v.clone() for k, v in model.kd_adapters.state_dict().items()}
+    a_state = {k: v.clone() for k, v in adapters(model).state_dict().items()}
     losses, storage = train_steps(model, batches(cfg, 2))
     assert {"loss_cls", "loss_box_reg", "loss_kd_feat", "loss_kd_cls", "loss_kd_box"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
@@ -34,7 +34,7 @@ def test_dense_kd_shapes_losses_and_train_step(retina_teacher):
     assert 0 <= storage.histories()["kd/box_gate_frac"].latest() <= 1
     assert all(torch.equal(v, t_state[k]) for k, v in model.teacher.state_dict().items())
     # (coarse levels of a 128 px image may hold no box centre, hence no gradient)
-    assert not torch.equal(model.kd_adapters["p3"].weight, a_state["p3.weight"])
+    assert not torch.equal(adapters(model)["p3"].weight, a_state["p3.weight"])
 
 
 def test_dense_cls_kd_is_zero_when_student_equals_teacher(retina_teacher):
@@ -84,7 +84,7 @@ def test_defeat_presets_train(preset, teacher_ckpt, retina_teacher):
     w = retina_teacher if "retinanet" in preset else teacher_ckpt
     cfg = tiny_cfg(preset, "DISTILL.TEACHER.WEIGHTS", w)
     model = build_model(cfg)
-    w0 = model.kd_adapters["p3"].weight.detach().clone()
+    w0 = adapters(model)["p3"].weight.detach().clone()
     assert w0.abs().max() <= 2e-4
     losses, _ = train_steps(model, batches(cfg, 2))
     assert {"loss_kd_feat_fg", "loss_kd_feat_bg"} <= set(losses) and "loss_kd_cls" not in losses
@@ -95,10 +95,10 @@ def test_defeat_decoupled_proposals_and_backbone_kd(make_ckpt):
     r50 = ["MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256]  # a bottleneck R50 teacher
     cfg = tiny_cfg("defeat_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", make_ckpt("faster_rcnn_R34_teacher.yaml", *r50),
                    "DISTILL.TEACHER.OPTS", str(r50),
-                   "DISTILL.DEFEAT_CLS.ENABLED", "True", "DISTILL.BACKBONE.ENABLED", "True")
+                   "DISTILL.TERMS", "['DecoupledFeatureKD', 'DecoupledProposalKD', 'DecoupledBackboneKD']")
     model = build_model(cfg)
     # R18 res3..res5 have 128/256/512 channels, R50 512/1024/2048
-    assert [model.kd_bb_adapters[k][0].weight.shape[:2] for k in ("res3", "res4", "res5")] == [
+    assert [adapters(model, "DecoupledBackboneKD")[k][0].weight.shape[:2] for k in ("res3", "res4", "res5")] == [
         (512, 128), (1024, 256), (2048, 512)]
     losses, _ = train_steps(model, batches(cfg, 1))
     for k in ("loss_kd_cls_fg", "loss_kd_cls_bg", "loss_kd_backbone_fg", "loss_kd_backbone_bg"):
@@ -110,7 +110,7 @@ def test_heterogeneous_widths(make_ckpt):
     cfg = tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", make_ckpt("faster_rcnn_R34_teacher.yaml"),
                    "MODEL.FPN.OUT_CHANNELS", 64)
     model = build_model(cfg)
-    assert all(tuple(a.weight.shape[:2]) == (128, 64) for a in model.kd_adapters.values())
+    assert all(tuple(a.weight.shape[:2]) == (128, 64) for a in adapters(model).values())
     losses, _ = train_steps(model, batches(cfg, 1))
     assert torch.isfinite(losses["loss_kd_feat"]) and "loss_kd_box" in losses
     with pytest.raises(ValueError, match="'identity' needs equal channels, got student 64 vs teacher 128"):
@@ -121,12 +121,14 @@ def test_heterogeneous_widths(make_ckpt):
     ("cross_retinanet_R34_to_frcnn_R18.yaml", "retinanet_R34_teacher.yaml"),
     ("cross_frcnn_R34_to_retinanet_R18.yaml", "faster_rcnn_R34_teacher.yaml"),
 ])
-def test_cross_family_feature_kd(preset, teacher_config, make_ckpt, caplog):
+def test_cross_family_feature_kd(preset, teacher_config, make_ckpt):
     cfg = tiny_cfg(preset, "DISTILL.TEACHER.WEIGHTS", make_ckpt(teacher_config))
     model = build_model(cfg)
-    with caplog.at_level(logging.WARNING):
-        model.setup_teacher()
-    assert "Head KD (DISTILL.CLS / DISTILL.BOX) disabled" in caplog.text and not model.head_kd
+    assert not model.needs_heads
+    head_term = "RoIClsKD" if "frcnn_R18" in preset else "DenseClsKD"
+    with pytest.raises(DistillConfigError, match=rf"{head_term} compares the two detectors' head outputs.*not of the "
+                                                 r"student's family"):
+        build_model(tiny_cfg(preset, "DISTILL.TERMS", f"['{cfg.DISTILL.TERMS[0]}', '{head_term}']"))
     losses, _ = train_steps(model, batches(cfg, 2))
     assert not any(k in losses for k in ("loss_kd_cls", "loss_kd_box"))
     assert any(k.startswith("loss_kd_feat") for k in losses)
@@ -134,6 +136,6 @@ def test_cross_family_feature_kd(preset, teacher_config, make_ckpt, caplog):
 
 
 def test_cross_family_unmatched_levels_are_named(make_ckpt):
-    with pytest.raises(TeacherError, match=r"\['p2'\].*student has.*teacher has \['p3', 'p4', 'p5', 'p6', 'p7'\]"):
+    with pytest.raises(TeacherError, match=r"\['p2'\].*student has.*teacher has \['p3', 'p4', 'p5', 'p6', 'p7', 'res3'"):
         build_model(tiny_cfg("cross_retinanet_R34_to_frcnn_R18.yaml", "DISTILL.FEAT.LEVELS",
                              "['p2', 'p3', 'p4', 'p5', 'p6']"))
