@@ -113,6 +113,7 @@ def add_distill_config(cfg):
     # Keys of the pre-registry layout: each switch became a term in DISTILL.TERMS.
     for old, term in (("FEAT.ENABLED", "FeatureKD or DecoupledFeatureKD"), ("CLS.ENABLED", "RoIClsKD or DenseClsKD"),
                       ("BOX.ENABLED", "RoIBoxKD or DenseBoxKD"), ("PROPOSALS", "ReverseRoIClsKD"),
+                      ("PROPOSALS.REVERSE", "ReverseRoIClsKD"),
                       ("DEFEAT_CLS.ENABLED", "DecoupledProposalKD"), ("BACKBONE.ENABLED", "DecoupledBackboneKD")):
         cfg.register_renamed_key(f"DISTILL.{old}", "DISTILL.TERMS",
                                  f"list {term} in DISTILL.TERMS to enable it (omit it to disable).")

@@ -1,0 +1,227 @@
+"""The term registry: build-time checks, a toy term trained through train_net's code path,
+what the meta-architecture records (and does not compute), legacy checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode as CN
+from detectron2.engine import default_argument_parser
+from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.utils.events import EventStorage
+
+from conftest import SYN, TINY_OPTS, tiny_cfg
+from distill_d2.engine import main
+from distill_d2.teacher import TeacherError
+from distill_d2.terms import DISTILL_TERM_REGISTRY, DistillConfigError, DistillTerm, distilled_levels
+from test_distill_rcnn import batches, train_steps
+from test_regression import fixed_batch
+
+
+# --------------------------------------------------------------- a toy method from this file
+@DISTILL_TERM_REGISTRY.register()
+class ToyMeanMatchKD(DistillTerm):
+    """Toy term: squared difference of the per-channel means of one level, through a 1x1 adapter."""
+
+    reads = ("TOY.*",)
+
+    @classmethod
+    def add_config(cls, d):
+        d.TOY = CN()
+        d.TOY.LEVEL = "p3"
+        d.TOY.WEIGHT = 1.0
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.level, self.weight = cfg.DISTILL.TOY.LEVEL, cfg.DISTILL.TOY.WEIGHT
+        distilled_levels(ctx, [self.level], "DISTILL.TOY.LEVEL")
+        s, t = ctx.student_shapes[self.level].channels, ctx.teacher_shapes[self.level].channels
+        self.adapter = nn.Conv2d(s, t, 1)
+
+    def forward(self, rec):
+        s = self.adapter(rec.features[self.level]).mean(dim=(2, 3))
+        t = rec.t_features[self.level].mean(dim=(2, 3))
+        return {"loss_kd_toy": self.weight * ((s - t) ** 2).mean()}, {"kd/toy_gap": (s - t).abs().mean()}
+
+
+def test_toy_term_trains_through_train_net(teacher_ckpt, tmp_path):
+    preset = tmp_path / "toy_R34_to_R18.yaml"
+    preset.write_text(
+        f'_BASE_: "{os.path.join(SYN, "faster_rcnn_R18_student.yaml")}"\n'
+        'MODEL:\n  META_ARCHITECTURE: "DistillGeneralizedRCNN"\n'
+        f'DISTILL:\n  TEACHER:\n    CONFIG_FILE: "{os.path.join(SYN, "faster_rcnn_R34_teacher.yaml")}"\n'
+        '  TERMS: ["ToyMeanMatchKD"]\n  TOY:\n    LEVEL: "p4"\n    WEIGHT: 2.0\n')
+    argv = ["--config-file", str(preset)] + TINY_OPTS + [
+        "OUTPUT_DIR", str(tmp_path / "out"), "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DATASETS.TEST", "()"]
+    main(default_argument_parser().parse_args(argv))
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.json").read_text().splitlines()]
+    last = metrics[-1]
+    assert last["iteration"] == 1 and last["loss_kd_toy"] > 0 and "kd/toy_gap" in last
+    sd = torch.load(tmp_path / "out" / "model_final.pth", weights_only=False)["model"]
+    assert "kd_terms.ToyMeanMatchKD.adapter.weight" in sd
+
+
+# --------------------------------------------------------------- build-time errors
+@pytest.mark.parametrize("opts,match", [
+    (["DISTILL.TERMS", "[]"], "DISTILL.TERMS is empty"),
+    (["DISTILL.TERMS", "['FeatureKD', 'NoSuchKD']"], "Unknown distillation term 'NoSuchKD'"),
+    (["DISTILL.TERMS", "['FeatureKD', 'FeatureKD']"], r"lists \['FeatureKD'\] more than once"),
+    (["DISTILL.FEAT.MASK", "gausian"], "Unknown DISTILL.FEAT.MASK 'gausian'"),
+    (["DISTILL.FEAT.NORM", "l2"], "Unknown DISTILL.FEAT.NORM 'l2'"),
+    (["DISTILL.FEAT.NORM", "decoupled"], "list DecoupledFeatureKD in DISTILL.TERMS"),
+    (["DISTILL.FEAT.ADAPTER", "conv5x5"], "Unknown DISTILL.FEAT.ADAPTER 'conv5x5'"),
+    (["DISTILL.FEAT.LEVELS", "[]"], "DISTILL.FEAT.LEVELS is empty"),
+    (["DISTILL.CLS.GATE", "better"], "Unknown DISTILL.CLS.GATE 'better'"),
+    (["DISTILL.CLS.ROIS", "some"], "Unknown DISTILL.CLS.ROIS 'some'"),
+    (["DISTILL.BOX.GATE", "iou"], "Unknown DISTILL.BOX.GATE 'iou'"),
+    (["DISTILL.BOX.NORMALIZER", "n"], "Unknown DISTILL.BOX.NORMALIZER 'n'"),
+    (["DISTILL.DECAY.TYPE", "exp"], "Unknown DISTILL.DECAY.TYPE 'exp'"),
+    (["DISTILL.TERMS", "['FeatureKD', 'DenseClsKD']"], "DenseClsKD does not work with a Faster R-CNN"),
+    (["DISTILL.DEFEAT_CLS.FG_WEIGHT", "3.0"], r"DISTILL.DEFEAT_CLS.FG_WEIGHT = 3.0 \(read by: DecoupledProposalKD\)"),
+    (["DISTILL.BACKBONE.LEVELS", "['res4']"], "DISTILL.BACKBONE.LEVELS"),
+])
+def test_bad_settings_fail_at_build(opts, match):
+    cfg = tiny_cfg("tar_R34_to_R18.yaml", *opts)
+    with pytest.raises(ValueError, match=match):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("key,value", [("DISTILL.CLS.ROIS", "all"), ("DISTILL.CLS.GATE", "teacher_better"),
+                                       ("DISTILL.DEFEAT_CLS.BG_TEMPERATURE", "2.0"),
+                                       ("DISTILL.FEAT.NORM", "mean")])
+def test_keys_the_retinanet_preset_ignores_are_errors(key, value):
+    cfg = tiny_cfg("defeat_retinanet_R34_to_R18.yaml" if key.endswith("NORM") else "tar_retinanet_R34_to_R18.yaml",
+                   key, value)
+    with pytest.raises(DistillConfigError, match=rf"{key} = .*silently ignored|silently ignored.*{key}"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("old,term", [("DISTILL.FEAT.ENABLED", "FeatureKD"), ("DISTILL.CLS.ENABLED", "RoIClsKD"),
+                                      ("DISTILL.PROPOSALS.REVERSE", "ReverseRoIClsKD"),
+                                      ("DISTILL.DEFEAT_CLS.ENABLED", "DecoupledProposalKD"),
+                                      ("DISTILL.BACKBONE.ENABLED", "DecoupledBackboneKD")])
+def test_old_switches_name_the_term(old, term):
+    with pytest.raises(KeyError, match=rf"renamed to DISTILL.TERMS.*{term}"):
+        tiny_cfg("tar_R34_to_R18.yaml", old, "True")
+
+
+def test_distill_block_on_a_plain_detector_is_an_error():
+    with pytest.raises(ValueError, match=r"DISTILL.TEACHER.WEIGHTS.*'GeneralizedRCNN', a plain detector"):
+        tiny_cfg("faster_rcnn_R18_student.yaml", "DISTILL.TEACHER.WEIGHTS", "teacher.pth")
+    with pytest.raises(ValueError, match="plain detector"):
+        tiny_cfg("tar_R34_to_R18.yaml", "MODEL.META_ARCHITECTURE", "GeneralizedRCNN")
+
+
+@ROI_HEADS_REGISTRY.register()
+class OwnForwardROIHeads(StandardROIHeads):
+    def forward(self, images, features, proposals, targets=None):
+        return super().forward(images, features, proposals, targets)
+
+
+def test_roi_heads_that_override_forward(teacher_ckpt):
+    opts = ["DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "MODEL.ROI_HEADS.NAME", "OwnForwardROIHeads"]
+    with pytest.raises(TeacherError, match=r"OwnForwardROIHeads overrides forward\(\)"):
+        build_model(tiny_cfg("tar_R34_to_R18.yaml", *opts))
+    cfg = tiny_cfg("fitnet_R34_to_R18.yaml", *opts)  # feature terms only: any ROI heads, their own logic runs
+    losses, _ = train_steps(build_model(cfg), batches(cfg, 1))
+    assert "loss_kd_feat" in losses and "loss_cls" in losses
+
+
+# --------------------------------------------------------------- what is (not) computed
+def count_calls(module):
+    calls = []
+    return calls, module.register_forward_hook(lambda *a: calls.append(1))
+
+
+@pytest.mark.parametrize("preset,teacher_head_calls", [("fitnet_R34_to_R18.yaml", 0), ("tar_R34_to_R18.yaml", 1),
+                                                       ("hinton_R34_to_R18.yaml", 1)])
+def test_teacher_head_runs_only_for_head_terms(preset, teacher_head_calls, teacher_ckpt):
+    cfg = tiny_cfg(preset, "DISTILL.TEACHER.WEIGHTS", teacher_ckpt)
+    model = build_model(cfg)
+    t = model.setup_teacher()
+    t_box, h1 = count_calls(t.roi_heads.box_predictor)
+    t_bb, h2 = count_calls(t.backbone)
+    s_bb, h3 = count_calls(model.backbone)
+    try:
+        train_steps(model, batches(cfg, 1))
+    finally:
+        for h in (h1, h2, h3):
+            h.remove()
+    assert len(t_box) == teacher_head_calls and len(t_bb) == 1 and len(s_bb) == 1
+
+
+def test_record_holds_bottom_up_and_fpn_of_both_models(teacher_ckpt):
+    seen = {}
+
+    @DISTILL_TERM_REGISTRY.register()
+    class SpyRecordKD(DistillTerm):
+        def forward(self, rec):
+            seen["rec"] = rec
+            return {}, {}
+
+    cfg = tiny_cfg("hinton_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DISTILL.TERMS",
+                   "['RoIClsKD', 'SpyRecordKD']")
+    model = build_model(cfg)
+    train_steps(model, batches(cfg, 1))
+    rec = seen["rec"]
+    names = ["res2", "res3", "res4", "res5", "p2", "p3", "p4", "p5", "p6"]
+    assert all(k in rec.features and k in rec.t_features for k in names)
+    assert rec.features["res2"].requires_grad and not rec.t_features["res2"].requires_grad
+    assert rec.strides["res2"] == 4 and rec.strides["p6"] == 64
+    r = rec.rois
+    assert r.logits.shape == r.t_logits.shape == (len(r.gt_classes), 7) and r.logits.requires_grad
+    assert r.proposal_boxes.shape == r.gt_boxes.shape == (len(r.gt_classes), 4)
+
+
+def test_teacher_gets_the_batch_in_its_channel_order(teacher_ckpt):
+    # student BGR (synthetic configs), teacher RGB: the teacher must see the channels flipped
+    cfg = tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt,
+                   "DISTILL.TEACHER.OPTS", "['INPUT.FORMAT', 'RGB', 'MODEL.PIXEL_MEAN', [1.0, 2.0, 3.0]]")
+    model = build_model(cfg)
+    t = model.setup_teacher()
+    batch = fixed_batch(cfg)
+    images = model.preprocess_image(batch)
+    t_images = model.teacher_preprocess(batch, images)
+    x = batch[0]["image"].float()
+    want = (x.flip(0) - torch.tensor([1.0, 2.0, 3.0])[:, None, None]) / t.pixel_std
+    h, w = x.shape[1:]
+    assert torch.allclose(t_images.tensor[0, :, :h, :w], want)
+    assert not torch.allclose(t_images.tensor[0, :, :h, :w], (x - torch.tensor([1.0, 2.0, 3.0])[:, None, None]) / t.pixel_std)
+
+
+def test_first_step_checks_teacher_outputs_are_finite(teacher_ckpt, tmp_path):
+    sd = torch.load(teacher_ckpt, weights_only=False)
+    sd["model"]["backbone.fpn_output3.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    cfg = tiny_cfg("fitnet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", str(tmp_path / "nan.pth"))
+    with pytest.raises(FloatingPointError, match="teacher produced non-finite feature map p3"):
+        train_steps(build_model(cfg), batches(cfg, 1))
+
+
+def test_old_layout_checkpoint_loads_adapters_into_their_term(teacher_ckpt, tmp_path):
+    cfg = tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt)
+    model = build_model(cfg)
+    sd = {k.replace("kd_terms.FeatureKD.adapters.", "kd_adapters."): v.clone() + 1
+          for k, v in model.state_dict().items()}
+    assert "kd_adapters.p2.weight" in sd
+    torch.save({"model": sd}, tmp_path / "old.pth")
+    fresh = build_model(cfg)
+    DetectionCheckpointer(fresh).load(str(tmp_path / "old.pth"))
+    assert torch.equal(fresh.kd_terms["FeatureKD"].adapters["p2"].weight, sd["kd_adapters.p2.weight"])
+
+
+def test_term_loss_names_must_not_clash(teacher_ckpt):
+    @DISTILL_TERM_REGISTRY.register()
+    class ClashKD(DistillTerm):
+        def forward(self, rec):
+            return {"loss_cls": rec.features["p2"].sum() * 0}, {}
+
+    cfg = tiny_cfg("fitnet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt,
+                   "DISTILL.TERMS", "['FeatureKD', 'ClashKD']")
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(), pytest.raises(ValueError, match="ClashKD returned.*must start with 'loss_kd_'"):
+        model(batches(cfg, 1)[0])
