@@ -94,3 +94,25 @@ def test_box_kd_class_agnostic_and_no_positives():
     assert loss.item() == 0 and frac == 0.0 and loss.requires_grad
     loss, _ = box_kd_loss(torch.ones(1, 4), torch.zeros(1, 4), props, props, torch.tensor([0]), 3, t, "none")
     assert loss.item() == pytest.approx(4.0)
+
+
+def naive_kl(s, t, temp):
+    ps, pt = [math.exp(v / temp) for v in s], [math.exp(v / temp) for v in t]
+    zs, zt = sum(ps), sum(pt)
+    return temp * temp * sum((b / zt) * math.log((b / zt) / (a / zs)) for a, b in zip(ps, pt))
+
+
+def test_decoupled_kl_loss_means_per_group_by_hand():
+    from distill_d2.losses import decoupled_kl_loss
+
+    s = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.5, -1.0, 0.2]])
+    t = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2, 2, 1, 2])  # K = 2: fg rows 0, 3; bg rows 1, 2, 4
+    rows = lambda idx, temp: [naive_kl(s[i].tolist(), t[i].tolist(), temp) for i in idx]  # noqa: E731
+    fg, bg = decoupled_kl_loss(s, t, labels, 2, temperature=1.0, bg_temperature=3.0)
+    assert fg.item() == pytest.approx(sum(rows([0, 3], 1.0)) / 2, rel=1e-5)
+    assert bg.item() == pytest.approx(sum(rows([1, 2, 4], 3.0)) / 3, rel=1e-5)
+    fg2, bg2 = decoupled_kl_loss(s, t, labels, 2, temperature=2.0)  # bg temperature <= 0 / None: the fg one
+    assert bg2.item() == pytest.approx(sum(rows([1, 2, 4], 2.0)) / 3, rel=1e-5)
+    only_bg = decoupled_kl_loss(s, t, torch.full((5,), 2), 2)
+    assert only_bg[0].item() == 0 and only_bg[1].item() == pytest.approx(sum(rows(range(5), 1.0)) / 5, rel=1e-5)

@@ -374,3 +374,53 @@ def test_dense_box_kd_matches_naive_loop():
                 total += float((d.deltas[n, a] - d.t_deltas[n, a]).abs().sum())
     assert losses["loss_kd_box"].item() == pytest.approx(total / pos, rel=1e-5, abs=1e-7)
     assert scalars["kd/box_gate_frac"].item() == pytest.approx(kept / pos)
+
+
+# ------------------------------------------------------------------ terms that sample their own RoIs
+@pytest.mark.parametrize("term,sampler", [("DecoupledProposalKD", "teacher"), ("ReverseRoIClsKD", "student")])
+def test_teacher_proposal_terms_sample_and_weigh(term, sampler, teacher_ckpt, monkeypatch):
+    from detectron2.modeling import build_model
+
+    from conftest import tiny_cfg
+    from distill_d2.methods import defeat, tar
+    from test_distill_rcnn import batches, train_steps
+
+    module = defeat if term == "DecoupledProposalKD" else tar
+    seen = {}
+    loss_name = "decoupled_kl_loss" if term == "DecoupledProposalKD" else "cls_kd_loss"
+    real_sample, real_loss = module.sample_teacher_rois, getattr(module, loss_name)
+
+    def spy_sample(teacher, smp, *a):
+        seen["sampler"] = smp
+        seen["rois"] = real_sample(teacher, smp, *a)
+        return seen["rois"]
+
+    def spy_loss(s, t, labels, *a):
+        seen["args"] = (s.detach(), t, labels)
+        seen["out"] = real_loss(s, t, labels, *a)
+        return seen["out"]
+
+    monkeypatch.setattr(module, "sample_teacher_rois", spy_sample)
+    monkeypatch.setattr(module, loss_name, spy_loss)
+    if term == "DecoupledProposalKD":
+        cfg = tiny_cfg("defeat_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DISTILL.TERMS",
+                       "['DecoupledFeatureKD', 'DecoupledProposalKD']", "DISTILL.DEFEAT_CLS.FG_WEIGHT", "3.0",
+                       "DISTILL.DEFEAT_CLS.BG_WEIGHT", "5.0", "DISTILL.DECAY.TYPE", "constant")
+    else:
+        cfg = tiny_cfg("hinton_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DISTILL.TERMS",
+                       "['ReverseRoIClsKD']", "DISTILL.CLS.WEIGHT", "3.0")
+    model = build_model(cfg)
+    losses, _ = train_steps(model, batches(cfg, 1))
+    want_sampler = model.teacher.roi_heads if sampler == "teacher" else model.roi_heads
+    assert seen["sampler"] is want_sampler
+    s, t, labels = seen["args"]
+    assert len(labels) == sum(len(r) for r in seen["rois"]) and torch.equal(
+        labels, torch.cat([r.gt_classes for r in seen["rois"]]))
+    if term == "DecoupledProposalKD":
+        fg, bg = seen["out"]
+        assert losses["loss_kd_cls_fg"].item() == pytest.approx(3.0 * fg.item(), rel=1e-6)
+        assert losses["loss_kd_cls_bg"].item() == pytest.approx(5.0 * bg.item(), rel=1e-6)
+    else:  # Hinton settings: all RoIs, T = 2, lambda constant
+        assert losses["loss_kd_cls_reverse"].item() == pytest.approx(3.0 * seen["out"][0].item(), rel=1e-6)
+        want = sum(naive_kl(s[i].tolist(), t[i].tolist(), 2.0) for i in range(len(labels))) / len(labels)
+        assert seen["out"][0].item() == pytest.approx(want, rel=1e-4)
