@@ -45,6 +45,10 @@ def add_distill_config(cfg):
     # lambda(iter). A key below that differs from its default but is read by
     # no listed term is an error (it would be silently ignored).
     _C.TERMS = []
+    # What a DISTILL key that differs from its default but that no listed term
+    # reads does: "error" (stop at build time, naming the key) or "warn" (log
+    # it loudly and go on, e.g. when ablating a preset by removing a term).
+    _C.UNUSED_KEYS = "error"
 
     # ------------------------------------------------------ feature (neck) KD
     # Read by FeatureKD and DecoupledFeatureKD.

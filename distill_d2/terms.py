@@ -46,7 +46,7 @@ Distillation terms (``nn.Module``): ``Term(cfg, ctx)``; ``forward(record) -> (lo
 
 FAMILY_NAMES = {"rcnn": "Faster R-CNN (DistillGeneralizedRCNN)", "dense": "RetinaNet (DistillRetinaNet)"}
 #: DISTILL keys every distiller reads itself (not owned by a term).
-COMMON_KEYS = ("TEACHER.*", "DECAY.*", "TERMS")
+COMMON_KEYS = ("TEACHER.*", "DECAY.*", "TERMS", "UNUSED_KEYS")
 
 
 class DistillConfigError(ValueError):
@@ -206,7 +206,9 @@ def default_distill_node():
 
 
 def check_unread_keys(cfg, names, classes):
-    """Abort when a DISTILL key differs from its default but no enabled term reads it."""
+    """Abort (or warn, with ``DISTILL.UNUSED_KEYS warn``) when a DISTILL key differs from its
+    default but no enabled term reads it."""
+    check_choice("DISTILL.UNUSED_KEYS", cfg.DISTILL.UNUSED_KEYS, ("error", "warn"))
     patterns = list(COMMON_KEYS) + [p for c in classes for p in c.reads]
     unread = [k for k in changed_keys(cfg.DISTILL, default_distill_node())
               if not any(fnmatch.fnmatchcase(k, p) for p in patterns)]
@@ -219,9 +221,14 @@ def check_unread_keys(cfg, names, classes):
         for part in k.split("."):
             value = value[part]
         lines.append(f"DISTILL.{k} = {value!r} (read by: {', '.join(readers) or 'no registered term'})")
-    raise DistillConfigError(
+    msg = (
         f"These settings would be silently ignored: no term in DISTILL.TERMS = {names} reads them "
         f"(student {cfg.MODEL.META_ARCHITECTURE}): " + "; ".join(lines)
         + ". Remove them, or add a term that uses them to DISTILL.TERMS (a term only available for the "
-        "other detector family cannot be used with this student)."
+        "other detector family cannot be used with this student), or set DISTILL.UNUSED_KEYS warn to go on "
+        "(e.g. when ablating a preset by removing a term)."
     )
+    if cfg.DISTILL.UNUSED_KEYS == "warn":
+        logger.warning(msg)
+    else:
+        raise DistillConfigError(msg)

@@ -99,6 +99,18 @@ def test_keys_the_retinanet_preset_ignores_are_errors(key, value):
         build_model(cfg)
 
 
+def test_unused_keys_can_be_downgraded_to_a_warning(caplog):
+    import logging
+
+    cfg = tiny_cfg("tar_retinanet_R34_to_R18.yaml", "DISTILL.TERMS", "['DenseClsKD', 'DenseBoxKD']",
+                   "DISTILL.UNUSED_KEYS", "warn")  # an ablation: the preset's FEAT settings go unused
+    with caplog.at_level(logging.WARNING):
+        model = build_model(cfg)
+    assert "DISTILL.FEAT.WEIGHT = 0.01" in caplog.text and list(model.kd_terms) == ["DenseClsKD", "DenseBoxKD"]
+    with pytest.raises(DistillConfigError, match="Unknown DISTILL.UNUSED_KEYS 'maybe'"):
+        build_model(tiny_cfg("tar_retinanet_R34_to_R18.yaml", "DISTILL.UNUSED_KEYS", "maybe"))
+
+
 @pytest.mark.parametrize("old,term", [("DISTILL.FEAT.ENABLED", "FeatureKD"), ("DISTILL.CLS.ENABLED", "RoIClsKD"),
                                       ("DISTILL.PROPOSALS.REVERSE", "ReverseRoIClsKD"),
                                       ("DISTILL.DEFEAT_CLS.ENABLED", "DecoupledProposalKD"),
@@ -225,3 +237,27 @@ def test_term_loss_names_must_not_clash(teacher_ckpt):
     model.train()
     with EventStorage(), pytest.raises(ValueError, match="ClashKD returned.*must start with 'loss_kd_'"):
         model(batches(cfg, 1)[0])
+
+
+def test_adding_a_method_guide_works(teacher_ckpt, tmp_path):
+    """docs/ADDING_A_METHOD.md: its term file and preset, exactly as written, train two iterations."""
+    import re
+
+    from conftest import REPO
+
+    text = open(os.path.join(REPO, "docs", "ADDING_A_METHOD.md")).read()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    yaml_text = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    if "AttentionTransferKD" not in DISTILL_TERM_REGISTRY:
+        exec(compile(code, "ADDING_A_METHOD.md", "exec"), {"__name__": "guide_attention"})
+    preset = os.path.join(SYN, "at_R34_to_R18.yaml")  # _BASE_ and the teacher are relative to configs/synthetic
+    assert not os.path.exists(preset), "the guide's preset must not be shipped as an untested method"
+    tmp_preset = tmp_path / "at_R34_to_R18.yaml"
+    tmp_preset.write_text(yaml_text.replace('"faster_rcnn_R18_student.yaml"',
+                                            f'"{os.path.join(SYN, "faster_rcnn_R18_student.yaml")}"')
+                          .replace('"faster_rcnn_R34_teacher.yaml"', f'"{os.path.join(SYN, "faster_rcnn_R34_teacher.yaml")}"'))
+    argv = ["--config-file", str(tmp_preset)] + TINY_OPTS + [
+        "OUTPUT_DIR", str(tmp_path / "out"), "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DATASETS.TEST", "()"]
+    main(default_argument_parser().parse_args(argv))
+    last = [json.loads(x) for x in (tmp_path / "out" / "metrics.json").read_text().splitlines()][-1]
+    assert last["iteration"] == 1 and last["loss_kd_at"] > 0
