@@ -7,12 +7,40 @@ pixels (``Instances.gt_boxes.tensor``), ``level_shapes`` an ordered
 ``{level: (stride, H_l, W_l)}`` and ``cfg`` the ``DISTILL.FEAT`` node. Cell
 (i, j) of a level with stride s covers pixels [j*s, (j+1)*s) and has its
 centre at ((j+0.5)*s, (i+0.5)*s). Padding cells are 0 because no box reaches them.
+
+All builders are vectorized over boxes (no Python loop over boxes, no host
+sync): the Gaussian is separable and is maximised over boxes in chunks of
+at most ``GAUSSIAN_CHUNK_ELEMENTS`` elements; binary masks are unions of
+axis-aligned cell rectangles, painted with a 2-D difference array.
 """
 import torch
+import torch.nn.functional as F
 from fvcore.common.registry import Registry
 
 MASK_REGISTRY = Registry("DISTILL_MASK")
 MASK_REGISTRY.__doc__ = "Feature-distillation masks: fn(gt_boxes, level_shapes, cfg) -> {level: (N,H,W)}."
+
+# Most elements of the (boxes, H, W) outer-product block that gaussian_mask allocates at once
+# (one box per block when a single grid is larger).
+GAUSSIAN_CHUNK_ELEMENTS = 2**22
+# Tighter cap on CPU: a block that fits the L2 cache (2 MB of float32) is about 2x faster there.
+GAUSSIAN_CPU_CHUNK_ELEMENTS = 2**19
+
+
+def _cell_centres(n, like):
+    """(n,) cell-centre coordinates 0.5, 1.5, ... in grid units."""
+    return torch.arange(n, device=like.device, dtype=like.dtype) + 0.5
+
+
+def _gaussian_factors(b, centres, lo, hi, rho, truncate):
+    """(K, n) 1-D factor exp(-(c - mid)^2 / (2 (rho size)^2)) along one axis, 0 outside [lo, hi) if truncate."""
+    mid = (b[:, lo] + b[:, hi]) / 2
+    size = (b[:, hi] - b[:, lo]).clamp(min=1e-3)
+    g = torch.exp(-((centres[None, :] - mid[:, None]) ** 2 / (2 * (rho * size[:, None]) ** 2)))
+    if truncate:
+        inside = (centres[None, :] >= b[:, lo : lo + 1]) & (centres[None, :] < b[:, hi : hi + 1])
+        g = g * inside
+    return g
 
 
 def gaussian_mask(boxes, stride, height, width, rho=1.0 / 6.0, truncate=True):
@@ -24,42 +52,95 @@ def gaussian_mask(boxes, stride, height, width, rho=1.0 / 6.0, truncate=True):
     box k (so a box smaller than a cell may vanish on a coarse level, where its
     untruncated Gaussian would underflow anyway). Result: max_k G_k.
 
+    G_k is separable, G_k(i, j) = gy_k(i) gx_k(j) with the truncation folded
+    into the 1-D factors, so the max over boxes is taken over outer products,
+    a chunk of boxes at a time: at most ``GAUSSIAN_CHUNK_ELEMENTS`` elements
+    per chunk (``GAUSSIAN_CPU_CHUNK_ELEMENTS`` on CPU), one box per chunk if a
+    single grid is larger. No (K, H, W) tensor for large K, no host sync.
+
     Args:
         boxes: (K, 4) XYXY in pixels.
     Returns:
         (height, width) tensor in [0, 1].
     """
-    out = boxes.new_zeros((height, width))
+    k = boxes.shape[0]
     if boxes.numel() == 0:
-        return out
+        return boxes.new_zeros((height, width))
     b = boxes / stride
-    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-    w, h = (b[:, 2] - b[:, 0]).clamp(min=1e-3), (b[:, 3] - b[:, 1]).clamp(min=1e-3)
-    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5
-    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5
-    dx = (xs[None, :] - cx[:, None]) ** 2 / (2 * (rho * w[:, None]) ** 2)  # (K, W)
-    dy = (ys[None, :] - cy[:, None]) ** 2 / (2 * (rho * h[:, None]) ** 2)  # (K, H)
-    g = torch.exp(-(dy[:, :, None] + dx[:, None, :]))  # (K, H, W)
-    if truncate:
-        g = g * _inside(b, xs, ys)
-    return g.max(dim=0).values
+    gx = _gaussian_factors(b, _cell_centres(width, b), 0, 2, rho, truncate)  # (K, W)
+    gy = _gaussian_factors(b, _cell_centres(height, b), 1, 3, rho, truncate)  # (K, H)
+    budget = GAUSSIAN_CHUNK_ELEMENTS
+    if boxes.device.type == "cpu":
+        budget = min(budget, GAUSSIAN_CPU_CHUNK_ELEMENTS)
+    chunk = max(1, budget // max(1, height * width))
+    out = None
+    for k0 in range(0, k, chunk):
+        m = (gy[k0 : k0 + chunk, :, None] * gx[k0 : k0 + chunk, None, :]).amax(dim=0)
+        out = m if out is None else torch.maximum(out, m, out=out)
+    return out
 
 
-def _inside(b, xs, ys):
-    """(K, H, W) bool: cell centre inside box (grid units, half-open)."""
-    in_x = (xs[None, :] >= b[:, 0:1]) & (xs[None, :] < b[:, 2:3])
-    in_y = (ys[None, :] >= b[:, 1:2]) & (ys[None, :] < b[:, 3:4])
-    return in_y[:, :, None] & in_x[:, None, :]
+def _cat_boxes(gt_boxes):
+    """All images' boxes as one (K, 4) tensor and the (K,) image index of each (no host sync).
+    With no images: an empty float32 CPU tensor, as the per-image builders give."""
+    if not len(gt_boxes):
+        return torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.long)
+    dev = gt_boxes[0].device
+    img = [torch.full((b.shape[0],), n, dtype=torch.long, device=dev) for n, b in enumerate(gt_boxes)]
+    return torch.cat(list(gt_boxes)), torch.cat(img)
 
 
-def _centre_cell(cx, cy, height, width):
-    """(K, H, W) bool: the cell that contains each box centre."""
-    k = cx.shape[0]
-    m = torch.zeros((k, height, width), dtype=torch.bool, device=cx.device)
-    i = cy.floor().long().clamp(0, height - 1)
-    j = cx.floor().long().clamp(0, width - 1)
-    m[torch.arange(k, device=cx.device), i, j] = True
-    return m
+def _clamp_xy_(t, width, height):
+    """Clamp the x columns (0, 2) of a (K, 4) tensor to [0, width] and the y columns to [0, height], in place."""
+    t.clamp_(min=0)
+    t[:, 0::2].clamp_(max=width)
+    t[:, 1::2].clamp_(max=height)
+    return t
+
+
+def _paint_rects(img, rects, num_images, height, width, dtype, weight=None):
+    """(num_images, height, width) binary mask: union of cell rectangles via a 2-D difference array.
+
+    Rectangle k covers cols [rects[k, 0], rects[k, 2]) x rows [rects[k, 1], rects[k, 3]) of image
+    img[k]; ``rects`` (K, 4) long, already in [0, width] / [0, height] with hi >= lo (an empty
+    rectangle then cancels out). ``weight`` (K,) bool drops rectangles. No host sync.
+    """
+    w1 = width + 1
+    diff = torch.zeros((num_images, height + 1, w1), dtype=torch.int32, device=img.device)
+    # +1 at corners (r0, c0) and (r1, c1), -1 at (r0, c1) and (r1, c0); flat indices into diff
+    rows = rects[:, 1::2] * w1 + (img * ((height + 1) * w1))[:, None]  # (K, 2): r0, r1
+    flat = (rows[:, :, None] + rects[:, None, 0::2]).reshape(-1)  # (K, 2, 2): (r0, r1) x (c0, c1)
+    sign = torch.ones((2, 2), dtype=torch.int32, device=img.device)
+    sign[0, 1] = -1
+    sign[1, 0] = -1
+    vals = sign.expand(rects.shape[0], 2, 2) if weight is None else sign * weight[:, None, None]
+    diff.view(-1).index_add_(0, flat, vals.reshape(-1))
+    cover = diff.cumsum_(2).cumsum_(1)[:, :height, :width]  # rectangles covering each cell, >= 0
+    return cover.to(dtype).clamp_(max=1)  # (a bool -> float cast is several times slower on CPU)
+
+
+def _centre_inside_rects(b, height, width):
+    """(K, 4) long [c0, r0, c1, r1]: the cells whose centre is inside each box (grid units).
+
+    Counting centres j + 0.5 < edge gives exactly the cells with lo <= centre < hi.
+    """
+    centres = _cell_centres(max(height, width), b)
+    rects = _clamp_xy_(torch.searchsorted(centres, b.contiguous(), side="left"), width, height)
+    rects[:, 2:] = torch.maximum(rects[:, 2:], rects[:, :2])  # inverted box: empty
+    return rects
+
+
+def _centre_cells(b, height, width):
+    """(K, 4) long [j, i, j+1, i+1]: the cell holding each box centre (clamped into the grid)."""
+    c = _clamp_xy_(((b[:, :2] + b[:, 2:]) / 2).floor(), width - 1, height - 1).long()
+    return torch.cat([c, c + 1], dim=1)
+
+
+def _box_masks(img, boxes, num_images, stride, height, width):
+    """(num_images, height, width) binary box masks of all images' boxes (``box_mask`` rule)."""
+    b = boxes / stride
+    rects = torch.cat([_centre_inside_rects(b, height, width), _centre_cells(b, height, width)])
+    return _paint_rects(torch.cat([img, img]), rects, num_images, height, width, boxes.dtype)
 
 
 @MASK_REGISTRY.register()
@@ -73,21 +154,15 @@ def gaussian(gt_boxes, level_shapes, cfg):
 def box_mask(boxes, stride, height, width):
     """(height, width) binary mask: 1 at cells whose centre is inside any box
     (a box containing no cell centre marks the cell holding its centre)."""
-    out = boxes.new_zeros((height, width))
-    if boxes.numel() == 0:
-        return out
-    b = boxes / stride
-    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5
-    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5
-    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-    m = _inside(b, xs, ys) | _centre_cell(cx, cy, height, width)
-    return m.any(dim=0).to(boxes.dtype)
+    img = torch.zeros((boxes.shape[0],), dtype=torch.long, device=boxes.device)
+    return _box_masks(img, boxes, 1, stride, height, width)[0]
 
 
 @MASK_REGISTRY.register()
 def box(gt_boxes, level_shapes, cfg):
     """Binary gt-box mask on every level."""
-    return {lv: torch.stack([box_mask(b, s, h, w) for b in gt_boxes]) for lv, (s, h, w) in level_shapes.items()}
+    boxes, img = _cat_boxes(gt_boxes)
+    return {lv: _box_masks(img, boxes, len(gt_boxes), s, h, w) for lv, (s, h, w) in level_shapes.items()}
 
 
 @MASK_REGISTRY.register()
@@ -127,38 +202,41 @@ def defeat(gt_boxes, level_shapes, cfg):
     """DeFeat's binary decoupled mask: each box on its single level (official code).
 
     On its level (stride s) a box covers rows [floor(y1/s), floor(y2/s)) and
-    cols [floor(x1/s), floor(x2/s)); a box collapsing to zero width or height
-    marks the single cell (floor(y1/s), floor(x1/s)). Levels are taken in
-    ``level_shapes`` order (finest first).
+    cols [floor(x1/s), floor(x2/s)) (clamped to the grid, so negative
+    coordinates clamp at 0); a box collapsing to zero width or height marks
+    the single cell (floor(y1/s), floor(x1/s)), clamped into the grid. Levels
+    are taken in ``level_shapes`` order (finest first).
     """
     names = list(level_shapes)
+    boxes, img = _cat_boxes(gt_boxes)
+    levels = defeat_levels(boxes, len(names), cfg.DEFEAT_CANONICAL_SIZE)
     out = {}
-    for lv in names:
+    for li, lv in enumerate(names):
         s, h, w = level_shapes[lv]
-        ref = gt_boxes[0] if gt_boxes else torch.zeros(0)
-        out[lv] = ref.new_zeros((len(gt_boxes), h, w))
-    for n, boxes in enumerate(gt_boxes):
-        if boxes.numel() == 0:
-            continue
-        levels = defeat_levels(boxes, len(names), cfg.DEFEAT_CANONICAL_SIZE)
-        for li, lv in enumerate(names):
-            s, h, w = level_shapes[lv]
-            sel = boxes[levels == li]
-            if len(sel):
-                out[lv][n] = floor_box_mask(sel, s, h, w)
+        out[lv] = _floor_box_masks(img, boxes, len(gt_boxes), s, h, w, weight=levels == li)
     return out
 
 
+def _floor_rects(boxes, stride, height, width):
+    """(K, 4) long [c0, r0, c1, r1] of each box by DeFeat's floor rule (see :func:`defeat`)."""
+    f = torch.div(boxes, stride, rounding_mode="floor")
+    degenerate = (f[:, 2:] <= f[:, :2]).any(dim=1, keepdim=True)
+    rects = _clamp_xy_(f.clone(), width, height)
+    cell = _clamp_xy_(rects[:, :2].clone(), width - 1, height - 1)
+    return torch.where(degenerate, torch.cat([cell, cell + 1], dim=1), rects).long()
+
+
+def _floor_box_masks(img, boxes, num_images, stride, height, width, weight=None):
+    """(num_images, height, width) binary masks by DeFeat's floor rule; ``weight`` (K,) bool selects boxes."""
+    rects = _floor_rects(boxes, stride, height, width)
+    return _paint_rects(img, rects, num_images, height, width, boxes.dtype, weight)
+
+
 def floor_box_mask(boxes, stride, height, width):
-    """(height, width) binary mask by DeFeat's floor rule for all ``boxes`` on one grid."""
-    m = boxes.new_zeros((height, width))
-    for b in boxes.tolist():
-        x0, y0, x1, y1 = (int(v // stride) for v in b)
-        if x1 <= x0 or y1 <= y0:
-            m[min(y0, height - 1), min(x0, width - 1)] = 1.0
-        else:
-            m[y0:y1, x0:x1] = 1.0
-    return m
+    """(height, width) binary mask by DeFeat's floor rule for all ``boxes`` on one grid
+    (ranges clamped to the grid, see :func:`defeat`)."""
+    img = torch.zeros((boxes.shape[0],), dtype=torch.long, device=boxes.device)
+    return _floor_box_masks(img, boxes, 1, stride, height, width)[0]
 
 
 def defeat_backbone_masks(gt_boxes, level_shapes, base_stride=4):
@@ -170,9 +248,8 @@ def defeat_backbone_masks(gt_boxes, level_shapes, base_stride=4):
     Returns:
         {level: (N, H_l, W_l)} binary masks.
     """
-    import torch.nn.functional as F
-
     s0, h0, w0 = min(level_shapes.values())
     h0, w0 = h0 * s0 // base_stride, w0 * s0 // base_stride
-    base = torch.stack([floor_box_mask(b, base_stride, h0, w0) for b in gt_boxes])[:, None]
+    boxes, img = _cat_boxes(gt_boxes)
+    base = _floor_box_masks(img, boxes, len(gt_boxes), base_stride, h0, w0)[:, None]
     return {lv: F.interpolate(base, size=(h, w), mode="nearest")[:, 0] for lv, (s, h, w) in level_shapes.items()}

@@ -1,11 +1,13 @@
 """DeFeat pieces: level assignment, decoupled mask, fg/bg normalisation, adapter init."""
+import math
+
 import pytest
 import torch
 from detectron2.config import CfgNode
 
 from distill_d2.adapters import build_adapters
 from distill_d2.losses import decoupled_feature_loss
-from distill_d2.masks import build_masks, defeat_levels
+from distill_d2.masks import build_masks, defeat_backbone_masks, defeat_levels, floor_box_mask
 
 CFG = CfgNode({"DEFEAT_CANONICAL_SIZE": 56.0})
 SHAPES = {"p2": (4, 64, 64), "p3": (8, 32, 32), "p4": (16, 16, 16), "p5": (32, 8, 8), "p6": (64, 4, 4)}
@@ -74,3 +76,98 @@ def test_defeat_adapter_initialisation_statistics():
     assert w.std().item() == pytest.approx(0.8796e-4, rel=0.02) and abs(w.mean().item()) < 2e-6
     x = torch.randn(1, 256, 8, 8)
     assert ad(x).sub(ad.bias[None, :, None, None]).abs().max() < 0.05  # near-zero output at start
+
+
+# ---------------------------------------------------------------- vectorized floor rule vs naive loop
+
+def random_boxes(seed, k, stride, height, width):
+    """(k, 4) pixel boxes: general (some partly or fully outside the grid, negative
+    coordinates), zero-size, sub-cell, inverted, and cell-aligned boxes."""
+    g = torch.Generator().manual_seed(seed)
+    hp, wp = height * stride, width * stride
+    x0 = torch.rand(k, generator=g) * 1.6 * wp - 0.3 * wp
+    y0 = torch.rand(k, generator=g) * 1.6 * hp - 0.3 * hp
+    b = torch.stack([x0, y0, x0 + torch.rand(k, generator=g) ** 2 * 0.9 * wp,
+                     y0 + torch.rand(k, generator=g) ** 2 * 0.9 * hp], 1)
+    q = k // 8
+    b[0:q, 2] = b[0:q, 0]  # zero width
+    b[q : 2 * q, 3] = b[q : 2 * q, 1]  # zero height
+    b[2 * q : 3 * q, 2:] = b[2 * q : 3 * q, :2] + torch.rand(q, 2, generator=g) * 0.9 * stride  # sub-cell
+    b[3 * q : 5 * q] = (b[3 * q : 5 * q] / stride).round() * stride  # on cell boundaries
+    b[5 * q : 5 * q + 1, 2:] = b[5 * q : 5 * q + 1, :2] - stride  # inverted
+    b[5 * q + 1 : 5 * q + 2, 2:] = b[5 * q + 1 : 5 * q + 2, :2] - 3.3 * stride  # inverted by several cells
+    b[5 * q + 2 : 5 * q + 3, 2] = b[5 * q + 2 : 5 * q + 3, 0] - 2.6 * stride  # inverted in x only
+    return b
+
+
+def ref_floor(boxes, stride, height, width):
+    """DeFeat floor rule, one box and one cell at a time, with the clamp to the grid."""
+    out = torch.zeros(height, width)
+    for x0, y0, x1, y1 in boxes.tolist():
+        c0, r0, c1, r1 = (math.floor(v / stride) for v in (x0, y0, x1, y1))
+        if c1 <= c0 or r1 <= r0:
+            out[min(max(r0, 0), height - 1), min(max(c0, 0), width - 1)] = 1
+            continue
+        for i in range(height):
+            for j in range(width):
+                if r0 <= i < r1 and c0 <= j < c1:
+                    out[i, j] = 1
+    return out
+
+
+@pytest.mark.parametrize("stride,height,width", [(4, 17, 23), (8, 9, 12), (3, 11, 7), (16, 5, 6), (32, 1, 3)])
+def test_floor_box_mask_matches_naive_loop(stride, height, width):
+    for seed, k in ((0, 40), (1, 9), (2, 1), (3, 0)):
+        boxes = random_boxes(seed, k, stride, height, width)
+        got = floor_box_mask(boxes, stride, height, width)
+        assert got.shape == (height, width) and got.dtype == boxes.dtype
+        assert torch.equal(got, ref_floor(boxes, stride, height, width))
+
+
+def test_negative_coordinates_clamp_at_zero():
+    # floor(-10/4) = -3, floor(9/4) = 2: cols [0, 2); floor(-6/4) = -2, floor(13/4) = 3: rows [0, 3)
+    m = floor_box_mask(torch.tensor([[-10.0, -6.0, 9.0, 13.0]]), 4, 8, 8)
+    want = torch.zeros(8, 8)
+    want[0:3, 0:2] = 1
+    assert torch.equal(m, want)  # a Python slice [-3:2] would have marked nothing
+    # degenerate at negative coordinates: the clamped cell (1, 0), not column -3 = 5
+    m = floor_box_mask(torch.tensor([[-10.0, 5.0, -9.0, 20.0]]), 4, 8, 8)
+    assert m.sum() == 1 and m[1, 0] == 1
+    # entirely above-left of the grid: nothing (a slice [-5:-2] would mark cells at the far end)
+    assert floor_box_mask(torch.tensor([[-20.0, -20.0, -5.0, -5.0]]), 4, 8, 8).sum() == 0
+    # and through the registry builder (same floor rule on the box's level)
+    m = build_masks("defeat", [torch.tensor([[-10.0, -6.0, 9.0, 13.0]])], SHAPES, CFG)["p2"][0]
+    assert m.sum() == 6 and m[0:3, 0:2].sum() == 6
+
+
+def test_defeat_builder_matches_naive_loop():
+    shapes = {"p2": (4, 40, 52), "p3": (8, 20, 26), "p4": (16, 10, 13), "p5": (32, 5, 7), "p6": (64, 3, 4)}
+    gt = [random_boxes(10, 60, 4, 40, 52) * 1.5, torch.zeros((0, 4)), random_boxes(11, 25, 8, 20, 26),
+          torch.tensor([[0.0, 0.0, 900.0, 700.0], [-50.0, -40.0, 300.0, 220.0]])]
+    m = build_masks("defeat", gt, shapes, CFG)
+    names = list(shapes)
+    hit = set()
+    for n, boxes in enumerate(gt):
+        levels = defeat_levels(boxes, len(names), 56.0)
+        for li, lv in enumerate(names):
+            s, h, w = shapes[lv]
+            want = ref_floor(boxes[levels == li], s, h, w)
+            assert m[lv].shape == (len(gt), h, w)
+            assert torch.equal(m[lv][n], want), (n, lv)
+            if want.sum() > 0:
+                hit.add(lv)
+    assert m["p2"][1].sum() == 0 and len(hit) >= 4  # boxes landed on most levels
+
+
+def test_defeat_backbone_masks_match_naive_loop():
+    shapes = {"res2": (4, 24, 40), "res3": (8, 12, 20), "res4": (16, 6, 10), "res5": (32, 3, 5)}
+    gt = [random_boxes(20, 30, 4, 24, 40), torch.zeros((0, 4)), random_boxes(21, 8, 16, 6, 10)]
+    m = defeat_backbone_masks(gt, shapes)
+    for n, boxes in enumerate(gt):
+        base = ref_floor(boxes, 4, 24, 40)
+        for lv, (s, h, w) in shapes.items():
+            r = s // 4  # nearest resize of the stride-4 grid: cell (i, j) takes base cell (r i, r j)
+            want = torch.tensor([[base[r * i, r * j].item() for j in range(w)] for i in range(h)])
+            assert m[lv].shape == (len(gt), h, w)
+            assert torch.equal(m[lv][n], want), (n, lv)
+    assert m["res2"][0].sum() > 0 and m["res2"][1].sum() == 0

@@ -4,7 +4,8 @@ import pytest
 import torch
 from detectron2.config import CfgNode
 
-from distill_d2.masks import build_masks, gaussian_mask
+import distill_d2.masks as masks_mod
+from distill_d2.masks import box_mask, build_masks, gaussian_mask
 
 
 def test_gaussian_peak_at_box_centre_and_zero_outside():
@@ -76,3 +77,143 @@ def test_box_and_full_masks_and_empty_images():
     assert build_masks("full", gt, {"p2": (4, 4, 6)}, cfg)["p2"].sum() == 2 * 24
     with pytest.raises(ValueError, match="Unknown DISTILL.FEAT.MASK"):
         build_masks("nope", gt, {"p2": (4, 4, 6)}, cfg)
+
+
+# ---------------------------------------------------------------- naive references
+# Straight per-box, per-cell loops from the rules in distill_d2/masks.py (grid
+# coordinates are the boxes divided by the stride, as the module does in float32).
+
+GRIDS = [(4, 17, 23), (8, 9, 12), (3, 11, 7), (16, 5, 6), (32, 1, 3)]
+
+
+def random_boxes(seed, k, stride, height, width):
+    """(k, 4) boxes in pixels: general boxes (some partly or fully outside the image, some
+    with negative coordinates), zero-width / zero-height, sub-cell, inverted, and boxes
+    with edges on cell boundaries and on cell centres."""
+    g = torch.Generator().manual_seed(seed)
+    hp, wp = height * stride, width * stride
+    x0 = torch.rand(k, generator=g) * 1.6 * wp - 0.3 * wp
+    y0 = torch.rand(k, generator=g) * 1.6 * hp - 0.3 * hp
+    bw = torch.rand(k, generator=g) ** 2 * 0.9 * wp
+    bh = torch.rand(k, generator=g) ** 2 * 0.9 * hp
+    b = torch.stack([x0, y0, x0 + bw, y0 + bh], 1)
+    q = k // 8
+    b[0:q, 2] = b[0:q, 0]  # zero width
+    b[q : 2 * q, 3] = b[q : 2 * q, 1]  # zero height
+    b[2 * q : 3 * q, 2:] = b[2 * q : 3 * q, :2] + torch.rand(q, 2, generator=g) * 0.9 * stride  # sub-cell
+    b[3 * q : 5 * q] = (b[3 * q : 5 * q] / (stride / 2)).round() * (stride / 2)  # edges on boundaries/centres
+    b[5 * q : 5 * q + 1, 2:] = b[5 * q : 5 * q + 1, :2] - stride  # inverted
+    b[5 * q + 1 : 5 * q + 2, 2:] = b[5 * q + 1 : 5 * q + 2, :2] - 3.3 * stride  # inverted by several cells
+    b[5 * q + 2 : 5 * q + 3, 2] = b[5 * q + 2 : 5 * q + 3, 0] - 2.6 * stride  # inverted in x only
+    return b
+
+
+def ref_gaussian(boxes, stride, height, width, rho, truncate):
+    out = [[0.0] * width for _ in range(height)]
+    for x0, y0, x1, y1 in (boxes / stride).tolist():
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        w, h = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
+        for i in range(height):
+            for j in range(width):
+                x, y = j + 0.5, i + 0.5
+                if truncate and not (x0 <= x < x1 and y0 <= y < y1):
+                    continue
+                g = math.exp(-((x - cx) ** 2 / (2 * (rho * w) ** 2) + (y - cy) ** 2 / (2 * (rho * h) ** 2)))
+                out[i][j] = max(out[i][j], g)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ref_box(boxes, stride, height, width):
+    out = torch.zeros(height, width)
+    for x0, y0, x1, y1 in (boxes / stride).tolist():
+        for i in range(height):
+            for j in range(width):
+                if x0 <= j + 0.5 < x1 and y0 <= i + 0.5 < y1:
+                    out[i, j] = 1
+        ci = min(max(math.floor((y0 + y1) / 2), 0), height - 1)
+        cj = min(max(math.floor((x0 + x1) / 2), 0), width - 1)
+        out[ci, cj] = 1
+    return out
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+@pytest.mark.parametrize("stride,height,width", GRIDS)
+def test_gaussian_matches_naive_loop(stride, height, width, truncate):
+    for seed, k in ((0, 40), (1, 9), (2, 1), (3, 0)):
+        boxes = random_boxes(seed, k, stride, height, width)
+        for rho in (1 / 6, 0.4):
+            got = gaussian_mask(boxes, stride, height, width, rho, truncate)
+            want = ref_gaussian(boxes, stride, height, width, rho, truncate)
+            assert got.shape == (height, width) and got.dtype == boxes.dtype
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-12)
+            if truncate:
+                assert torch.equal(got > 0, want > 0)
+    # registry builder: one image empty
+    cfg = CfgNode({"GAUSSIAN_RHO": 1 / 6, "GAUSSIAN_TRUNCATE": truncate})
+    gt = [random_boxes(4, 24, stride, height, width), torch.zeros((0, 4))]
+    m = build_masks("gaussian", gt, {"p": (stride, height, width)}, cfg)["p"]
+    torch.testing.assert_close(m[0].double(), ref_gaussian(gt[0], stride, height, width, 1 / 6, truncate),
+                               rtol=1e-4, atol=1e-12)
+    assert m.shape == (2, height, width) and m[1].sum() == 0
+
+
+@pytest.mark.parametrize("stride,height,width", GRIDS)
+def test_box_mask_matches_naive_loop(stride, height, width):
+    for seed, k in ((10, 40), (11, 9), (12, 1), (13, 0)):
+        boxes = random_boxes(seed, k, stride, height, width)
+        got = box_mask(boxes, stride, height, width)
+        assert got.dtype == boxes.dtype
+        assert torch.equal(got, ref_box(boxes, stride, height, width))
+    cfg = CfgNode({"GAUSSIAN_RHO": 1 / 6, "GAUSSIAN_TRUNCATE": True})
+    gt = [torch.zeros((0, 4)), random_boxes(14, 30, stride, height, width), random_boxes(15, 5, stride, height, width)]
+    m = build_masks("box", gt, {"p": (stride, height, width)}, cfg)["p"]
+    assert m.shape == (3, height, width) and m[0].sum() == 0
+    assert torch.equal(m[1], ref_box(gt[1], stride, height, width))
+    assert torch.equal(m[2], ref_box(gt[2], stride, height, width))
+
+
+@pytest.mark.parametrize("k,height,width", [(300, 200, 336), (37, 20, 30)])
+def test_gaussian_chunking_does_not_change_the_result(monkeypatch, k, height, width):
+    """Small chunk budgets (a few boxes per chunk, chunks not dividing K, one box per chunk
+    on the small grid) give exactly the single-chunk max."""
+    boxes = random_boxes(20, k, 4, height, width)
+    budgets = (7 * height * width, 2**16 * 3 + 5) if k > 100 else (1, 5 * height * width - 1)
+    for truncate in (True, False):
+        monkeypatch.setattr(masks_mod, "GAUSSIAN_CHUNK_ELEMENTS", 2**40)  # one chunk
+        monkeypatch.setattr(masks_mod, "GAUSSIAN_CPU_CHUNK_ELEMENTS", 2**40)
+        whole = gaussian_mask(boxes, 4, height, width, truncate=truncate)
+        assert whole.max() > 0.9
+        for budget in budgets:
+            monkeypatch.setattr(masks_mod, "GAUSSIAN_CHUNK_ELEMENTS", budget)
+            assert torch.equal(gaussian_mask(boxes, 4, height, width, truncate=truncate), whole)
+
+
+def test_gaussian_mask_never_allocates_boxes_times_grid():
+    """Default budget: no allocation anywhere near (300, 200, 336) floats (80 MB)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    boxes = random_boxes(21, 300, 4, 200, 336)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        gaussian_mask(boxes, 4, 200, 336)
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < biggest <= masks_mod.GAUSSIAN_CPU_CHUNK_ELEMENTS * 4 * 1.1
+    assert masks_mod.GAUSSIAN_CPU_CHUNK_ELEMENTS <= masks_mod.GAUSSIAN_CHUNK_ELEMENTS <= 2**22
+
+
+def test_masks_keep_box_dtype_and_make_no_host_syncs(monkeypatch):
+    cfg = CfgNode({"GAUSSIAN_RHO": 1 / 6, "GAUSSIAN_TRUNCATE": True, "DEFEAT_CANONICAL_SIZE": 56.0})
+    gt = [random_boxes(30, 20, 4, 32, 48).double(), torch.zeros((0, 4), dtype=torch.float64)]
+    shapes = {"p2": (4, 32, 48), "p3": (8, 16, 24), "p4": (16, 8, 12)}
+
+    def sync(*a, **k):
+        raise AssertionError("host sync")
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    out = {kind: build_masks(kind, gt, shapes, cfg) for kind in ("gaussian", "box", "defeat", "full")}
+    out["backbone"] = masks_mod.defeat_backbone_masks(gt, shapes)
+    monkeypatch.undo()
+    for kind, m in out.items():
+        for lv, (s, h, w) in shapes.items():
+            assert m[lv].shape == (2, h, w) and m[lv].dtype == torch.float64, (kind, lv)
+        assert sum(m[lv][0].sum() for lv in shapes) > 0, kind

@@ -424,3 +424,42 @@ def test_teacher_proposal_terms_sample_and_weigh(term, sampler, teacher_ckpt, mo
         assert losses["loss_kd_cls_reverse"].item() == pytest.approx(3.0 * seen["out"][0].item(), rel=1e-6)
         want = sum(naive_kl(s[i].tolist(), t[i].tolist(), 2.0) for i in range(len(labels))) / len(labels)
         assert seen["out"][0].item() == pytest.approx(want, rel=1e-4)
+
+
+def test_dense_box_kd_reads_each_images_anchors():
+    # four disjoint anchors, positives in both images, a perfect teacher: every positive passes the gate
+    # only if its own anchor is used (a wrong anchor decodes far from the gt: IoU 0, not better)
+    anchors = torch.tensor([[0.0, 0.0, 8.0, 8.0], [40.0, 0.0, 52.0, 10.0], [0.0, 40.0, 6.0, 50.0],
+                            [40.0, 40.0, 60.0, 64.0]])
+    labels = torch.tensor([[0, 3, 1, 3], [3, 2, 3, 0]])
+    gt = anchors[None].repeat(2, 1, 1) + torch.tensor([1.0, -1.0, 2.0, 1.0])
+    t_deltas = torch.stack([T.get_deltas(anchors, gt[n]) for n in range(2)])
+    g = torch.Generator().manual_seed(0)
+    s_deltas = t_deltas + torch.randn(2, 4, 4, generator=g) * 0.1
+    rec = record()
+    rec.dense = DenseRecord(anchors=anchors, labels=labels, gt_boxes=gt, logits=torch.zeros(2, 4, K),
+                            deltas=s_deltas, t_logits=torch.zeros(2, 4, K), t_deltas=t_deltas, num_classes=K,
+                            box2box_transform=T)
+    cfg = cfg_with(BOX__GATE="teacher_vs_proposal")
+    losses, scalars = DenseBoxKD(cfg, ctx(cfg, "dense"))(rec)
+    pos = (labels >= 0) & (labels < K)
+    want = float((s_deltas - t_deltas).abs().sum(-1)[pos].sum()) / int(pos.sum())
+    assert scalars["kd/box_gate_frac"].item() == 1.0
+    assert losses["loss_kd_box"].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_cls_gate_near_tie():
+    # K = 1: p(gt) = softmax over [class 0, background]; teacher 0.5 vs student 0.52 -> not better;
+    # teacher 0.53 vs student 0.52 -> better
+    z = math.log(0.52 / 0.48)
+    s = torch.tensor([[z, 0.0], [z, 0.0]])
+    t = torch.tensor([[0.0, 0.0], [math.log(0.53 / 0.47), 0.0]])
+    cfg = cfg_with(CLS__GATE="teacher_better")
+    rec = record()
+    rec.rois = RoIRecord(instances=[], proposal_boxes=torch.zeros(2, 4), gt_boxes=torch.zeros(2, 4),
+                         gt_classes=torch.tensor([0, 0]), logits=s, deltas=torch.zeros(2, 4), t_logits=t,
+                         t_deltas=torch.zeros(2, 4), num_classes=1, box2box_transform=T)
+    losses, scalars = RoIClsKD(cfg, ctx(cfg))(rec)
+    assert scalars["kd/cls_gate_frac"].item() == 0.5
+    # (near-equal distributions: float32 cancellation in the KL, hence rel 1e-3)
+    assert losses["loss_kd_cls"].item() == pytest.approx(naive_kl(s[1].tolist(), t[1].tolist(), 1.0) / 2, rel=1e-3)
