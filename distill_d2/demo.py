@@ -33,13 +33,22 @@ def finished_with_config(config, out_dir, opts):
     import yaml
 
     from .engine import load_cfg
+    from .terms import default_distill_node
 
     saved = os.path.join(out_dir, "config.yaml")
     if not (os.path.isfile(os.path.join(out_dir, "results.json")) and os.path.isfile(saved)):
         return False
     cfg = load_cfg(config, list(opts) + ["OUTPUT_DIR", out_dir])
     with open(saved) as f:
-        return yaml.safe_load(f) == yaml.safe_load(cfg.dump())
+        old = yaml.safe_load(f)
+    new = yaml.safe_load(cfg.dump())
+    # DISTILL keys declared by terms registered in this process only (e.g. a plug-in method
+    # imported here but not by the run's train_net.py) do not count while at their default
+    default = yaml.safe_load(default_distill_node().dump())
+    for k in set(new.get("DISTILL", {})) - set(old.get("DISTILL", {})):
+        if new["DISTILL"][k] == default.get(k):
+            del new["DISTILL"][k]
+    return old == new
 
 
 def run_train_net(config, out_dir, opts, label, cache=True):
