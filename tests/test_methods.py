@@ -383,12 +383,13 @@ def test_teacher_proposal_terms_sample_and_weigh(term, sampler, teacher_ckpt, mo
 
     from conftest import tiny_cfg
     from distill_d2.methods import defeat, tar
+    from distill_d2.modeling import rcnn
     from test_distill_rcnn import batches, train_steps
 
     module = defeat if term == "DecoupledProposalKD" else tar
     seen = {}
     loss_name = "decoupled_kl_loss" if term == "DecoupledProposalKD" else "cls_kd_loss"
-    real_sample, real_loss = module.sample_teacher_rois, getattr(module, loss_name)
+    real_sample, real_loss = rcnn.sample_teacher_rois, getattr(module, loss_name)
 
     def spy_sample(teacher, smp, *a):
         seen["sampler"] = smp
@@ -400,7 +401,7 @@ def test_teacher_proposal_terms_sample_and_weigh(term, sampler, teacher_ckpt, mo
         seen["out"] = real_loss(s, t, labels, *a)
         return seen["out"]
 
-    monkeypatch.setattr(module, "sample_teacher_rois", spy_sample)
+    monkeypatch.setattr(rcnn, "sample_teacher_rois", spy_sample)
     monkeypatch.setattr(module, loss_name, spy_loss)
     if term == "DecoupledProposalKD":
         cfg = tiny_cfg("defeat_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DISTILL.TERMS",

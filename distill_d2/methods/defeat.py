@@ -14,12 +14,11 @@
 
 Presets: ``configs/synthetic/defeat_*.yaml``, ``configs/COCO-Detection/defeat_*.yaml``.
 """
-import torch
 from detectron2.config import CfgNode as CN
 
 from ..losses import decoupled_feature_loss, decoupled_kl_loss
 from ..masks import build_masks, defeat_backbone_masks
-from ..modeling.rcnn import sample_teacher_rois, score_rois
+from ..modeling.rcnn import score_teacher_rois
 from ..terms import DISTILL_TERM_REGISTRY, DistillTerm, distilled_levels, level_adapters
 from .generic import check_mask
 
@@ -101,12 +100,8 @@ class DecoupledProposalKD(DistillTerm):
         self.d = cfg.DISTILL.DEFEAT_CLS
 
     def forward(self, rec):
-        d, student, teacher = self.d, rec.student, rec.teacher
-        with torch.no_grad():
-            rois = sample_teacher_rois(teacher, teacher.roi_heads, rec.t_images, rec.t_features, rec.gt_instances)
-            t_scores = score_rois(teacher, rec.t_features, rois)[0]
-        s_scores = score_rois(student, rec.features, rois)[0]
-        labels = torch.cat([r.gt_classes for r in rois])
-        fg, bg = decoupled_kl_loss(s_scores, t_scores, labels, student.roi_heads.num_classes, d.TEMPERATURE,
+        d = self.d
+        s_scores, t_scores, labels, _ = score_teacher_rois(rec, rec.teacher.roi_heads)  # the teacher's sampler
+        fg, bg = decoupled_kl_loss(s_scores, t_scores, labels, rec.student.roi_heads.num_classes, d.TEMPERATURE,
                                    d.BG_TEMPERATURE)
         return {"loss_kd_cls_fg": d.FG_WEIGHT * fg, "loss_kd_cls_bg": d.BG_WEIGHT * bg}, {}

@@ -12,14 +12,13 @@ presets are ``configs/synthetic/tar_*.yaml``.
   RPN proposals, sampled by the student's sampler, scored by both heads, KL as
   ``RoIClsKD`` (same CLS.* keys).
 """
-import torch
 from detectron2.config import CfgNode as CN
 
 from ..losses import box_kd_loss, cls_kd_loss
-from ..modeling.rcnn import sample_teacher_rois, score_rois
+from ..modeling.rcnn import score_teacher_rois
 from ..teacher import TeacherError
 from ..terms import DISTILL_TERM_REGISTRY, DistillTerm, check_choice
-from .generic import check_same_anchors
+from .generic import RoIClsKD, check_same_anchors
 
 BOX_READS = ("BOX.WEIGHT", "BOX.GATE", "BOX.BETA", "BOX.NORMALIZER")
 
@@ -108,27 +107,15 @@ class DenseBoxKD(_BoxKD):
 
 
 @DISTILL_TERM_REGISTRY.register()
-class ReverseRoIClsKD(DistillTerm):
+class ReverseRoIClsKD(RoIClsKD):
     """Reverse proposal sharing [choice]: KL on the teacher's own RPN proposals sampled by the student's
     sampler (``CLS.TEMPERATURE``, ``CLS.ROIS``, ``CLS.GATE``, ``CLS.WEIGHT`` as RoIClsKD)."""
 
-    families = ("rcnn",)
     needs = frozenset({"same_family"})
-    reads = ("CLS.WEIGHT", "CLS.TEMPERATURE", "CLS.ROIS", "CLS.GATE")
-
-    def __init__(self, cfg, ctx):
-        super().__init__(cfg, ctx)
-        c = cfg.DISTILL.CLS
-        check_choice("DISTILL.CLS.ROIS", c.ROIS, ("positive", "all"))
-        check_choice("DISTILL.CLS.GATE", c.GATE, ("none", "teacher_better"))
-        self.c = c
 
     def forward(self, rec):
-        c, student, teacher = self.c, rec.student, rec.teacher
-        with torch.no_grad():
-            rois = sample_teacher_rois(teacher, student.roi_heads, rec.t_images, rec.t_features, rec.gt_instances)
-            t_scores = score_rois(teacher, rec.t_features, rois)[0]
-        s_scores = score_rois(student, rec.features, rois)[0]
-        labels = torch.cat([r.gt_classes for r in rois])
-        loss, _ = cls_kd_loss(s_scores, t_scores, labels, student.roi_heads.num_classes, c.TEMPERATURE, c.ROIS, c.GATE)
+        c = self.c
+        s_scores, t_scores, labels, _ = score_teacher_rois(rec, rec.student.roi_heads)
+        loss, _ = cls_kd_loss(s_scores, t_scores, labels, rec.student.roi_heads.num_classes, c.TEMPERATURE, c.ROIS,
+                              c.GATE)
         return {"loss_kd_cls_reverse": c.WEIGHT * loss}, {}

@@ -38,6 +38,20 @@ def sample_teacher_rois(teacher, sampler, t_images, t_features, gt_instances):
         return sampler.label_and_sample_proposals(t_props, gt_instances)
 
 
+def score_teacher_rois(rec, sampler):
+    """The teacher's RPN proposals sampled by ``sampler`` (the student's or the teacher's
+    ``roi_heads``), scored by both box heads.
+
+    Returns:
+        (student logits (R, K+1) with grad, teacher logits (R, K+1), labels (R,) in [0, K], rois).
+    """
+    with torch.no_grad():
+        rois = sample_teacher_rois(rec.teacher, sampler, rec.t_images, rec.t_features, rec.gt_instances)
+        t_scores = score_rois(rec.teacher, rec.t_features, rois)[0]
+    s_scores = score_rois(rec.student, rec.features, rois)[0]
+    return s_scores, t_scores, torch.cat([r.gt_classes for r in rois]), rois
+
+
 def _gt_boxes(rois):
     """(R, 4) matched gt boxes of sampled RoIs (zeros for an image without gt)."""
     if rois.has("gt_boxes"):
