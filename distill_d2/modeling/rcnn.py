@@ -22,6 +22,9 @@ from .distiller import DistillerMixin
 def score_rois(model, features, proposals):
     """Pool ``proposals`` on ``model``'s own features and run its box head + predictor.
 
+    The first three lines of ``StandardROIHeads._forward_box``: detectron2 has no
+    entry point that scores given RoIs without sampling them or post-processing.
+
     Returns:
         (class logits (R, K+1), box deltas (R, 4K) or (R, 4)).
     """

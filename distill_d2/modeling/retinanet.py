@@ -16,7 +16,8 @@ from .distiller import DistillerMixin
 
 
 def dense_predictions(model, features):
-    """(logits (N, R, K), deltas (N, R, 4)) of a RetinaNet-like ``model`` on its feature dict."""
+    """(logits (N, R, K), deltas (N, R, 4)) of a RetinaNet-like ``model`` on its feature dict
+    (the teacher's head, laid out as ``RetinaNet.forward_training`` lays out the student's)."""
     feats = [features[f] for f in model.head_in_features]
     logits, deltas = model._transpose_dense_predictions(model.head(feats), [model.num_classes, 4])
     return cat(logits, dim=1), cat(deltas, dim=1)
