@@ -9,6 +9,8 @@ model on the same batch, in turn, so machine noise hits all models alike;
 reports the median step time of each and its ratio to the first config.
 ``--random-teacher`` times distillation configs with a randomly initialised
 teacher of the right architecture (the cost does not depend on its values).
+``--masks`` instead times the feature-mask builders alone (2 images x 50 boxes
+on the FPN levels of an 800x1344 input, the per-step cost of the masks).
 ``--teacher-forward`` also times the teacher's inference forward (eval mode,
 no grad) on the same batch and reports each distillation step over
 (student step + teacher forward): the price of distillation beyond running
@@ -25,7 +27,8 @@ import torch
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", required=True)
+    p.add_argument("--configs", nargs="+")
+    p.add_argument("--masks", action="store_true", help="time the mask builders (no model)")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--random-teacher", action="store_true")
@@ -33,6 +36,10 @@ def main(argv=None):
                    help="also time the first distillation config's teacher in inference mode")
     p.add_argument("--opts", nargs="*", default=[], help="KEY VALUE overrides for every config")
     args = p.parse_args(argv)
+    if args.masks:
+        return time_masks()
+    if not args.configs:
+        p.error("--configs is required (or --masks)")
 
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import build_detection_train_loader
@@ -100,6 +107,41 @@ def main(argv=None):
         print(f"| teacher forward (inference, no grad) | {t_fwd:.3f} | {t_fwd / base:.2f} | |")
     print(f"\n{args.iters} interleaved iterations after {args.warmup} warm-up, batch from {args.configs[0]}, "
           f"torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}.")
+
+
+def time_masks(images=2, boxes_per_image=50, size=(800, 1344), reps=21):
+    """Median time of each MASK_REGISTRY builder on random boxes (sides 12..550 px) at the
+    FPN levels (strides 4..64) of a ``size`` input."""
+    from detectron2.config import CfgNode
+
+    from .masks import build_masks, defeat_backbone_masks
+
+    cfg = CfgNode({"GAUSSIAN_RHO": 1 / 6, "GAUSSIAN_TRUNCATE": True, "DEFEAT_CANONICAL_SIZE": 56.0})
+    g = torch.Generator().manual_seed(0)
+    h, w = size
+    gt = []
+    for _ in range(images):
+        wh = torch.exp(torch.empty(boxes_per_image, 2).uniform_(2.5, 6.3, generator=g))  # 12..550 px
+        c = torch.rand(boxes_per_image, 2, generator=g) * torch.tensor([w, h])
+        gt.append(torch.cat([c - wh / 2, c + wh / 2], 1).clamp(min=0).minimum(torch.tensor([w, h, w, h])))
+    shapes = {f"p{i}": (2**i, -(-h // 2**i), -(-w // 2**i)) for i in range(2, 7)}
+    bb_shapes = {f"res{i}": (2**i, -(-h // 2**i), -(-w // 2**i)) for i in range(3, 6)}
+    rows = []
+    for name in ("gaussian", "box", "defeat", "backbone"):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            if name == "backbone":
+                defeat_backbone_masks(gt, bb_shapes)
+            else:
+                build_masks(name, gt, shapes, cfg)
+            ts.append(time.perf_counter() - t0)
+        rows.append((name, statistics.median(ts)))
+    print(f"\n| mask builder | median ms per batch ({images} images x {boxes_per_image} boxes, {h}x{w}, P2-P6) |\n|---|---|")
+    for name, t in rows:
+        print(f"| {name} | {1000 * t:.1f} |")
+    print(f"\n{reps} runs, torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}.")
+    return rows
 
 
 if __name__ == "__main__":

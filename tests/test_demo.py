@@ -52,3 +52,11 @@ def test_speed_side_by_side(capsys):
     out = capsys.readouterr().out
     assert "| faster_rcnn_R18_student.yaml |" in out and "| 1.00 |" in out
     assert "| tar_R34_to_R18.yaml |" in out
+
+
+def test_speed_mask_builders(capsys):
+    from distill_d2.speed import time_masks
+
+    rows = time_masks(images=1, boxes_per_image=3, size=(64, 96), reps=1)
+    assert [r[0] for r in rows] == ["gaussian", "box", "defeat", "backbone"] and all(t > 0 for _, t in rows)
+    assert "| gaussian |" in capsys.readouterr().out
