@@ -1,9 +1,38 @@
-"""Distillation loss pieces shared by all methods (plain tensors in, scalars out)."""
+"""Distillation loss pieces shared by all methods (plain tensors in, scalars out).
+
+Normalisers taken over the batch (mask sums, positive / gated counts) go
+through :func:`batch_normalize`, which sums them over all processes: N
+processes with B/N images each give the same loss (and gradient, after DDP's
+averaging) as one process with B images.
+"""
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from detectron2.structures import Boxes
 from detectron2.structures.boxes import matched_pairwise_iou
 from fvcore.nn import smooth_l1_loss
+
+
+def batch_normalize(num, den, min_den=None, eps=0.0):
+    """``num / den`` for a denominator ``den`` summed over the local batch, made process-count invariant.
+
+    With W processes, returns ``W * num / (sum_p den_p)`` (``den`` all-reduced; clamped to
+    ``min_den`` and offset by ``eps`` after the reduction): DDP averages the W gradients and
+    detectron2 averages the W logged values, so both equal ``sum_p num_p / sum_p den_p``, the
+    single-process value on the whole batch. With one process it is ``num / den``.
+
+    Args:
+        num: 0-dim tensor (with grad).
+        den: 0-dim tensor or number (no grad needed; detached).
+    """
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device).detach()
+    w = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if w > 1:
+        den = den.clone()
+        dist.all_reduce(den)
+    if min_den is not None:
+        den = den.clamp(min=min_den)
+    return num * w / (den + eps) if eps else num * w / den
 
 
 def masked_feature_loss(student, teacher, masks, norm="fgfi", eps=1e-6):
@@ -33,7 +62,7 @@ def masked_feature_loss(student, teacher, masks, norm="fgfi", eps=1e-6):
         else:
             raise ValueError(f"Unknown DISTILL.FEAT.NORM '{norm}': use 'fgfi' or 'mean'.")
     if norm == "fgfi":
-        return num / (2 * den + eps)
+        return batch_normalize(num, 2 * den, eps=eps)
     return sum(means) / max(len(means), 1)
 
 
@@ -52,8 +81,8 @@ def decoupled_feature_loss(student, teacher, masks):
         t, m = teacher[lv], masks[lv][:, None]
         c = s.shape[1]
         se = (s - t) ** 2
-        fg.append((se * m).sum() / (2 * c * m.sum()).clamp(min=1))
-        bg.append((se * (1 - m)).sum() / (2 * c * (1 - m).sum()).clamp(min=1))
+        fg.append(batch_normalize((se * m).sum(), 2 * c * m.sum(), min_den=1))
+        bg.append(batch_normalize((se * (1 - m)).sum(), 2 * c * (1 - m).sum(), min_den=1))
     return sum(fg) / len(fg), sum(bg) / len(bg)
 
 
@@ -97,9 +126,8 @@ def cls_kd_loss(student_logits, teacher_logits, gt_classes, num_classes, tempera
         keep = sel & teacher_better_cls_gate(student_logits, teacher_logits, gt_classes)
     elif gate != "none":
         raise ValueError(f"Unknown DISTILL.CLS.GATE '{gate}': use 'none' or 'teacher_better'.")
-    n = sel.sum().clamp(min=1)
-    loss = (kl_rows(student_logits, teacher_logits, temperature) * keep).sum() / n
-    return loss, keep.sum() / n
+    loss = batch_normalize((kl_rows(student_logits, teacher_logits, temperature) * keep).sum(), sel.sum(), min_den=1)
+    return loss, keep.sum() / sel.sum().clamp(min=1)
 
 
 def class_deltas(deltas, classes):
@@ -153,11 +181,8 @@ def box_kd_loss(student_deltas, teacher_deltas, proposals, gt_boxes, gt_classes,
     per_roi = smooth_l1_loss(d_s, d_t, beta, reduction="none").sum(dim=1)
     loss = torch.where(keep, per_roi, torch.zeros_like(per_roi)).sum()
     num_pos, num_kept = pos.sum(), keep.sum()
-    if normalizer == "num_rois":
-        denom = max(gt_classes.numel(), 1)
-    else:
-        denom = (num_pos if normalizer == "num_pos" else num_kept).clamp(min=1)
-    return loss / denom, num_kept / num_pos.clamp(min=1)
+    denom = {"num_rois": gt_classes.numel(), "num_pos": num_pos, "num_gated": num_kept}[normalizer]
+    return batch_normalize(loss, denom, min_den=1), num_kept / num_pos.clamp(min=1)
 
 
 def sigmoid_kd_loss(student_logits, teacher_logits, valid, normalizer, temperature=1.0):
@@ -179,8 +204,7 @@ def sigmoid_kd_loss(student_logits, teacher_logits, valid, normalizer, temperatu
     kl = F.binary_cross_entropy_with_logits(s, p_t, reduction="none") - F.binary_cross_entropy_with_logits(
         q, p_t, reduction="none")
     kl = torch.where(valid[..., None], kl, torch.zeros_like(kl))
-    denom = normalizer.clamp(min=1) if torch.is_tensor(normalizer) else max(normalizer, 1)
-    return kl.sum() * t * t / denom
+    return batch_normalize(kl.sum() * t * t, normalizer, min_den=1)
 
 
 def decoupled_kl_loss(student_logits, teacher_logits, labels, num_classes, temperature=1.0, bg_temperature=None):
@@ -197,4 +221,5 @@ def decoupled_kl_loss(student_logits, teacher_logits, labels, num_classes, tempe
     bg_t = temperature if bg_temperature is None or bg_temperature <= 0 else bg_temperature
     rows_fg = kl_rows(student_logits, teacher_logits, temperature)
     rows_bg = rows_fg if bg_t == temperature else kl_rows(student_logits, teacher_logits, bg_t)
-    return (rows_fg * fg).sum() / fg.sum().clamp(min=1), (rows_bg * (1 - fg)).sum() / (1 - fg).sum().clamp(min=1)
+    return (batch_normalize((rows_fg * fg).sum(), fg.sum(), min_den=1),
+            batch_normalize((rows_bg * (1 - fg)).sum(), (1 - fg).sum(), min_den=1))
