@@ -34,6 +34,9 @@ def add_distill_config(cfg):
     _C.TEACHER.STRICT_LOAD = True
     # Evaluate the teacher once on DATASETS.TEST before training and log its AP.
     _C.TEACHER.EVAL_BEFORE_TRAIN = False
+    # Checkpoints record the teacher (config + weights sha256); --resume with a
+    # different teacher stops the run unless this is True (then it warns).
+    _C.TEACHER.ALLOW_CHANGE_ON_RESUME = False
 
     # ------------------------------------------------------------------ terms
     # The distillation terms to train with (names in DISTILL_TERM_REGISTRY, see

@@ -70,6 +70,12 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with _cpu_safe_ddp():
             super().__init__(cfg)
+        model = unwrap(self.model)
+        if getattr(model, "is_distiller", False):
+            from .teacher import TeacherFingerprint
+
+            self.checkpointer.add_checkpointable("distill_teacher", TeacherFingerprint(
+                model.teacher_cfg, cfg.DISTILL.TEACHER.ALLOW_CHANGE_ON_RESUME))
 
     @classmethod
     def build_model(cls, cfg):

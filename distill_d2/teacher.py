@@ -4,6 +4,7 @@ The teacher is built from its own YAML + weights, frozen (no grad, eval mode
 forever, BN included) and kept *outside* the student's module tree, so it is
 never in the optimizer, in DDP's gradient sync or in the checkpoint.
 """
+import hashlib
 import logging
 import os
 
@@ -11,6 +12,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.utils.file_io import PathManager
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +176,62 @@ def _num_classes(cfg):
     if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet"):
         return cfg.MODEL.RETINANET.NUM_CLASSES
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def file_sha256(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TeacherFingerprint:
+    """Which teacher a run distils from: its config (without MODEL.WEIGHTS / MODEL.DEVICE) and the
+    sha256 of its weights file. A checkpointable of the trainer's checkpointer: saved in every
+    checkpoint as ``distill_teacher``; on ``--resume`` a different teacher stops the run
+    (``DISTILL.TEACHER.ALLOW_CHANGE_ON_RESUME True`` to go on on purpose, with a warning)."""
+
+    def __init__(self, teacher_cfg, allow_change=False):
+        self.teacher_cfg, self.allow_change = teacher_cfg, allow_change
+        self._current = None
+
+    def current(self):
+        if self._current is None:
+            cfg = self.teacher_cfg.clone()
+            cfg.defrost()
+            weights = cfg.MODEL.WEIGHTS
+            cfg.MODEL.WEIGHTS, cfg.MODEL.DEVICE = "", ""
+            local = PathManager.get_local_path(weights) if weights else ""
+            self._current = {
+                "config": cfg.dump(), "weights": weights,
+                "weights_sha256": file_sha256(local) if local and os.path.isfile(local) else "",
+            }
+        return self._current
+
+    def state_dict(self):
+        return dict(self.current())
+
+    def load_state_dict(self, saved):
+        now = self.current()
+        diffs = []
+        if saved.get("weights_sha256") != now["weights_sha256"]:
+            diffs.append(f"weights: checkpoint trained with {saved.get('weights')} (sha256 "
+                         f"{saved.get('weights_sha256', '')[:12]}), now {now['weights']} (sha256 {now['weights_sha256'][:12]})")
+        if saved.get("config") != now["config"]:
+            old, new = saved.get("config", "").splitlines(), now["config"].splitlines()
+            changed = [f"-{x}" for x in old if x not in new][:8] + [f"+{x}" for x in new if x not in old][:8]
+            diffs.append("config lines (checkpoint -, now +): " + " | ".join(changed))
+        if not diffs:
+            return
+        msg = ("This checkpoint was trained with a different teacher than the one configured now: "
+               + "; ".join(diffs) + ". Resuming would silently change the distillation target. Point "
+               "DISTILL.TEACHER.CONFIG_FILE / WEIGHTS back to the original teacher, start a new run (new "
+               "OUTPUT_DIR, or MODEL.WEIGHTS without --resume), or set DISTILL.TEACHER.ALLOW_CHANGE_ON_RESUME "
+               "True to resume with the new teacher on purpose.")
+        if not self.allow_change:
+            raise TeacherError(msg)
+        logger.warning(msg)
 
 
 @torch.no_grad()

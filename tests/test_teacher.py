@@ -1,0 +1,45 @@
+"""Teacher fingerprint: a checkpoint records its teacher; --resume with another teacher is refused."""
+import logging
+
+import pytest
+import torch
+
+from conftest import tiny_cfg
+from distill_d2.engine import Trainer
+from distill_d2.teacher import TeacherError
+
+
+def run(cfg, resume=False):
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+def test_resume_with_a_different_teacher_is_refused(teacher_ckpt, tmp_path, caplog):
+    out = str(tmp_path / "run")
+    base = ["OUTPUT_DIR", out, "SOLVER.CHECKPOINT_PERIOD", 1, "DATASETS.TEST", "()"]
+    run(tiny_cfg("fitnet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, *base))
+    sd = torch.load(f"{out}/model_final.pth", weights_only=False)
+    assert len(sd["distill_teacher"]["weights_sha256"]) == 64 and "RESNETS" in sd["distill_teacher"]["config"]
+    # same teacher: resumes (nothing left to train, but the checkpoint is accepted)
+    run(tiny_cfg("fitnet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, *base), resume=True)
+    # other weights of the same architecture
+    sd_t = torch.load(teacher_ckpt, weights_only=False)
+    sd_t["model"]["backbone.fpn_output3.bias"] += 1.0
+    other = str(tmp_path / "other_teacher.pth")
+    torch.save(sd_t, other)
+    cfg = tiny_cfg("fitnet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", other, *base, "SOLVER.MAX_ITER", 3)
+    with pytest.raises(TeacherError, match=r"different teacher.*weights: checkpoint trained with .*sha256.*now "
+                                           r".*ALLOW_CHANGE_ON_RESUME"):
+        run(cfg, resume=True)
+    # same weights, changed teacher config
+    cfg = tiny_cfg("fitnet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, *base, "SOLVER.MAX_ITER", 3,
+                   "DISTILL.TEACHER.OPTS", "['MODEL.RPN.NMS_THRESH', 0.5]")
+    with pytest.raises(TeacherError, match=r"config lines \(checkpoint -, now \+\):.*NMS_THRESH: 0.7.*NMS_THRESH: 0.5"):
+        run(cfg, resume=True)
+    cfg = tiny_cfg("fitnet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", other, *base, "SOLVER.MAX_ITER", 3,
+                   "DISTILL.TEACHER.ALLOW_CHANGE_ON_RESUME", "True")
+    with caplog.at_level(logging.WARNING):
+        trainer = run(cfg, resume=True)
+    assert trainer.start_iter == 2 and "different teacher" in caplog.text
