@@ -103,6 +103,20 @@ def add_distill_config(cfg):
 
     add_term_configs(_C)
 
+    # ------------------------------------------------- KD loss sanity guard
+    # Stops the run (or warns) when a distillation loss is far off the scale it
+    # should have: at the first iteration above MAX_RATIO_TO_DET x the summed
+    # detection losses, or later above MAX_GROWTH x its own median over the first
+    # WARMUP_ITERS iterations (values divided by lambda, so the decay does not
+    # count). Typical causes: wrong teacher weights, a missing adapter, a wrong
+    # weight. Gradient clipping keeps such a run finite, so the NaN check never fires.
+    _C.GUARD = CN()
+    # "error" (stop, naming the term), "warn" (log it and go on) or "off".
+    _C.GUARD.ACTION = "error"
+    _C.GUARD.MAX_RATIO_TO_DET = 1000.0
+    _C.GUARD.WARMUP_ITERS = 10
+    _C.GUARD.MAX_GROWTH = 100.0
+
     # ------------------------------------------------------- KD weight decay
     _C.DECAY = CN()
     # lambda(iter) multiplying every KD term: "linear" (1 -> END_VALUE at

@@ -14,7 +14,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from .config import add_distill_config
-from .hooks import KDWeightScheduler, TeacherEvalHook
+from .hooks import KDLossGuard, KDWeightScheduler, TeacherEvalHook
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class Trainer(DefaultTrainer):
         if getattr(model, "is_distiller", False):
             # first: lambda must be set before the step's forward
             ret.insert(0, KDWeightScheduler(self.cfg.DISTILL.DECAY, self.cfg.SOLVER.MAX_ITER))
+            ret.insert(1, KDLossGuard(self.cfg.DISTILL.GUARD))
             if self.cfg.DISTILL.TEACHER.EVAL_BEFORE_TRAIN:
                 ret.insert(1, TeacherEvalHook())
         return ret

@@ -1,6 +1,8 @@
 """Training hooks: the KD weight schedule lambda(iter) and a one-off teacher evaluation."""
 import logging
 import math
+import statistics
+from collections import defaultdict
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -57,6 +59,57 @@ class KDWeightScheduler(HookBase):
         from .engine import unwrap
 
         unwrap(self.trainer.model).log_kd_scalars(self.trainer.storage)
+
+
+class KDLossGuard(HookBase):
+    """Stops (``DISTILL.GUARD.ACTION error``) or warns when a ``loss_kd_*`` term is off scale.
+
+    Reads the losses detectron2 logged for the step (main process; values divided by
+    lambda): at iteration 0 a term above ``MAX_RATIO_TO_DET`` x the summed detection
+    losses trips; after ``WARMUP_ITERS`` iterations a term above ``MAX_GROWTH`` x its
+    median over the warm-up trips.
+    """
+
+    def __init__(self, guard_cfg):
+        from .terms import check_choice
+
+        check_choice("DISTILL.GUARD.ACTION", guard_cfg.ACTION, ("error", "warn", "off"))
+        self._cfg = guard_cfg
+        self._early = defaultdict(list)
+        self._tripped = set()
+
+    def after_step(self):
+        if self._cfg.ACTION == "off" or not comm.is_main_process():
+            return
+        it = self.trainer.iter
+        latest = {k: v for k, (v, i) in self.trainer.storage.latest().items() if i == it}
+        lam = latest.get("kd_weight", 0.0)
+        if lam <= 0:
+            return
+        kd = {k: v / lam for k, v in latest.items() if k.startswith("loss_kd_")}
+        det = sum(v for k, v in latest.items() if k.startswith("loss_") and not k.startswith("loss_kd_"))
+        c = self._cfg
+        for k, v in kd.items():
+            if it == self.trainer.start_iter and det > 0 and v > c.MAX_RATIO_TO_DET * det:
+                self._trip(k, f"{k} = {v:.4g} at iteration {it} is {v / det:.3g}x the detection losses ({det:.4g}; "
+                              f"limit DISTILL.GUARD.MAX_RATIO_TO_DET = {c.MAX_RATIO_TO_DET:g})")
+            if len(self._early[k]) < c.WARMUP_ITERS:
+                self._early[k].append(v)
+                continue
+            base = statistics.median(self._early[k])
+            if base > 0 and v > c.MAX_GROWTH * base:
+                self._trip(k, f"{k} = {v:.4g} at iteration {it} is {v / base:.3g}x its median over the first "
+                              f"{c.WARMUP_ITERS} iterations ({base:.4g}; limit DISTILL.GUARD.MAX_GROWTH = {c.MAX_GROWTH:g})")
+
+    def _trip(self, term, what):
+        msg = (f"Distillation loss out of scale: {what}. Likely causes: teacher weights that do not belong to "
+               "DISTILL.TEACHER.CONFIG_FILE (or loaded with STRICT_LOAD False), a missing or wrong adapter, a "
+               "term weight far too large. Set DISTILL.GUARD.ACTION warn (or off) to train on anyway.")
+        if self._cfg.ACTION == "error":
+            raise FloatingPointError(msg)
+        if term not in self._tripped:  # warn once per term
+            self._tripped.add(term)
+            logger.warning(msg)
 
 
 class TeacherEvalHook(HookBase):

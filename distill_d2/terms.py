@@ -46,7 +46,7 @@ Distillation terms (``nn.Module``): ``Term(cfg, ctx)``; ``forward(record) -> (lo
 
 FAMILY_NAMES = {"rcnn": "Faster R-CNN (DistillGeneralizedRCNN)", "dense": "RetinaNet (DistillRetinaNet)"}
 #: DISTILL keys every distiller reads itself (not owned by a term).
-COMMON_KEYS = ("TEACHER.*", "DECAY.*", "TERMS", "UNUSED_KEYS")
+COMMON_KEYS = ("TEACHER.*", "DECAY.*", "GUARD.*", "TERMS", "UNUSED_KEYS")
 
 
 class DistillConfigError(ValueError):

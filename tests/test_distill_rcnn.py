@@ -223,7 +223,8 @@ def test_two_process_cpu_launch_of_distillation(teacher_ckpt, tmp_path, datasets
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_dir), OMP_NUM_THREADS="1")
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--num-gpus", "2", "--config-file",
            os.path.join(SYN, TAR)] + TINY_OPTS + ["SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "OUTPUT_DIR",
-                                                  str(tmp_path), "DISTILL.TEACHER.WEIGHTS", teacher_ckpt]
+                                                  str(tmp_path), "DISTILL.TEACHER.WEIGHTS", teacher_ckpt,
+                                                  "DISTILL.GUARD.ACTION", "warn"]  # random teacher: off scale
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-4000:]
@@ -240,7 +241,7 @@ def test_trainer_decay_logging_resume_teacher_eval_and_eval_only(teacher_ckpt, t
     from distill_d2.hooks import kd_weight
 
     out = tmp_path / "run"
-    opts = ["SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2, "OUTPUT_DIR", str(out),
+    opts = ["SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2, "DISTILL.GUARD.ACTION", "warn", "OUTPUT_DIR", str(out),
             "DISTILL.TEACHER.EVAL_BEFORE_TRAIN", "True"]
     cfg = distill_cfg(teacher_ckpt, *opts)
     trainer = Trainer(cfg)
@@ -275,3 +276,17 @@ def test_trainer_decay_logging_resume_teacher_eval_and_eval_only(teacher_ckpt, t
 
     assert set(a) == set(b) and all(same(a[k], b[k]) for k in a)
     assert a["AP"] == a["AP"]  # AP itself is a number
+
+
+def test_off_scale_kd_loss_stops_the_run(teacher_ckpt, tmp_path):
+    """A random teacher's features give loss_kd_feat thousands of times the detection losses: stop at once."""
+    from detectron2.engine import default_argument_parser
+
+    from distill_d2.engine import main
+
+    argv = ["--config-file", os.path.join(SYN, TAR)] + TINY_OPTS + [
+        "OUTPUT_DIR", str(tmp_path), "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DATASETS.TEST", "()"]
+    with pytest.raises(FloatingPointError, match=r"loss_kd_feat = .* at iteration 0 is .*x the detection losses.*"
+                                                 r"teacher weights"):
+        main(default_argument_parser().parse_args(argv))
+    assert not (tmp_path / "model_final.pth").exists()

@@ -31,3 +31,65 @@ def test_cosine_step_constant_warmup_stop():
     assert kd_weight(29, 100, stop) == 1.0 and kd_weight(30, 100, stop) == 0.0
     with pytest.raises(ValueError, match="DISTILL.DECAY.TYPE"):
         kd_weight(0, 10, decay(TYPE="exp"))
+
+
+class _FakeTrainer:
+    def __init__(self, storage, start_iter=0):
+        self.storage, self.start_iter, self.iter = storage, start_iter, start_iter
+
+
+def _guard(**kw):
+    from distill_d2.hooks import KDLossGuard
+
+    cfg = get_cfg()
+    add_distill_config(cfg)
+    for k, v in kw.items():
+        setattr(cfg.DISTILL.GUARD, k, v)
+    return KDLossGuard(cfg.DISTILL.GUARD)
+
+
+def _step(guard, trainer, it, lam, **losses):
+    trainer.iter = it
+    trainer.storage.iter = it
+    trainer.storage.put_scalar("kd_weight", lam)
+    for k, v in losses.items():
+        trainer.storage.put_scalar(k, v)
+    guard.after_step()
+
+
+def test_guard_trips_on_the_ratio_to_detection_at_the_first_iteration():
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage() as storage:
+        g, tr = _guard(MAX_RATIO_TO_DET=100.0), _FakeTrainer(storage)
+        g.trainer = tr
+        with pytest.raises(FloatingPointError, match=r"loss_kd_feat = 1000 at iteration 0 is 200x the detection"):
+            _step(g, tr, 0, 0.5, loss_cls=2.0, loss_box_reg=3.0, loss_kd_feat=500.0)  # 500 / lambda 0.5 = 1000
+    with EventStorage() as storage:
+        g, tr = _guard(MAX_RATIO_TO_DET=100.0), _FakeTrainer(storage)
+        g.trainer = tr
+        _step(g, tr, 0, 0.5, loss_cls=2.0, loss_box_reg=3.0, loss_kd_feat=240.0)  # 480 < 500: fine
+
+
+def test_guard_trips_on_growth_after_warmup_and_warns_once(caplog):
+    import logging
+
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage() as storage:
+        g, tr = _guard(WARMUP_ITERS=3, MAX_GROWTH=10.0), _FakeTrainer(storage)
+        g.trainer = tr
+        for it, v in enumerate([1.0, 2.0, 3.0, 19.0]):  # median 2: 19 < 20
+            _step(g, tr, it, 1.0, loss_cls=1.0, loss_kd_cls=v)
+        _step(g, tr, 4, 0.1, loss_cls=1.0, loss_kd_cls=1.9)  # lambda 0.1: unweighted 19, still fine
+        with pytest.raises(FloatingPointError, match=r"loss_kd_cls = 21 at iteration 5 is 10.5x its median"):
+            _step(g, tr, 5, 1.0, loss_cls=1.0, loss_kd_cls=21.0)
+    with EventStorage() as storage:
+        g, tr = _guard(WARMUP_ITERS=1, MAX_GROWTH=10.0, ACTION="warn"), _FakeTrainer(storage)
+        g.trainer = tr
+        with caplog.at_level(logging.WARNING):
+            for it, v in enumerate([1.0, 50.0, 60.0]):
+                _step(g, tr, it, 1.0, loss_cls=1.0, loss_kd_cls=v)
+        assert caplog.text.count("Distillation loss out of scale") == 1
+    with pytest.raises(ValueError, match="DISTILL.GUARD.ACTION"):
+        _guard(ACTION="stop")

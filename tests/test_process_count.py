@@ -63,7 +63,7 @@ def test_one_and_two_processes_give_the_same_kd_losses(preset, teacher, make_ckp
     # (trainable BN would normalise over 2 vs 4 images, a difference no loss normaliser can remove).
     opts = TINY_OPTS + ["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()", "SEED", "3",
                         "INPUT.RANDOM_FLIP", "none", "MODEL.RESNETS.NORM", "FrozenBN",
-                        "DISTILL.TEACHER.WEIGHTS", make_ckpt(teacher)]
+                        "DISTILL.TEACHER.WEIGHTS", make_ckpt(teacher), "DISTILL.GUARD.ACTION", "off"]
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_dir), OMP_NUM_THREADS="1")
     res = {}
     for n in (1, 2):

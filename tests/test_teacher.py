@@ -18,7 +18,7 @@ def run(cfg, resume=False):
 
 def test_resume_with_a_different_teacher_is_refused(teacher_ckpt, tmp_path, caplog):
     out = str(tmp_path / "run")
-    base = ["OUTPUT_DIR", out, "SOLVER.CHECKPOINT_PERIOD", 1, "DATASETS.TEST", "()"]
+    base = ["OUTPUT_DIR", out, "SOLVER.CHECKPOINT_PERIOD", 1, "DATASETS.TEST", "()", "DISTILL.GUARD.ACTION", "off"]
     run(tiny_cfg("fitnet_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, *base))
     sd = torch.load(f"{out}/model_final.pth", weights_only=False)
     assert len(sd["distill_teacher"]["weights_sha256"]) == 64 and "RESNETS" in sd["distill_teacher"]["config"]

@@ -55,7 +55,8 @@ def test_toy_term_trains_through_train_net(teacher_ckpt, tmp_path):
         f'DISTILL:\n  TEACHER:\n    CONFIG_FILE: "{os.path.join(SYN, "faster_rcnn_R34_teacher.yaml")}"\n'
         '  TERMS: ["ToyMeanMatchKD"]\n  TOY:\n    LEVEL: "p4"\n    WEIGHT: 2.0\n')
     argv = ["--config-file", str(preset)] + TINY_OPTS + [
-        "OUTPUT_DIR", str(tmp_path / "out"), "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DATASETS.TEST", "()"]
+        "OUTPUT_DIR", str(tmp_path / "out"), "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DATASETS.TEST", "()",
+        "DISTILL.GUARD.ACTION", "off"]
     main(default_argument_parser().parse_args(argv))
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.json").read_text().splitlines()]
     last = metrics[-1]
