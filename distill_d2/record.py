@@ -5,7 +5,7 @@ run once); terms (:mod:`distill_d2.terms`) only read it. Head outputs on the
 shared samples (:class:`RoIRecord`, :class:`DenseRecord`) are filled only when
 an enabled term declares ``needs = {"heads"}``.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 import torch
@@ -73,6 +73,21 @@ class StepRecord:
     def gt_boxes(self):
         """List of (K_i, 4) XYXY gt boxes per image, input pixels."""
         return [x.gt_boxes.tensor for x in self.gt_instances]
+
+    def float32(self):
+        """A copy whose feature maps and head outputs are float32 (under mixed precision the
+        models ran in float16/bfloat16; the terms compute their losses in float32)."""
+        def f(x):
+            return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+
+        heads = {}
+        for name in ("rois", "dense"):
+            r = getattr(self, name)
+            if r is not None:
+                heads[name] = replace(r, logits=f(r.logits), deltas=f(r.deltas), t_logits=f(r.t_logits),
+                                      t_deltas=f(r.t_deltas))
+        return replace(self, features={k: f(v) for k, v in self.features.items()},
+                       t_features={k: f(v) for k, v in self.t_features.items()}, **heads)
 
     def level_shapes(self, levels):
         """Ordered {level: (stride, H, W)} of the student's maps (the mask builders' input)."""

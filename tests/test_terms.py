@@ -262,3 +262,35 @@ def test_adding_a_method_guide_works(teacher_ckpt, tmp_path):
     main(default_argument_parser().parse_args(argv))
     last = [json.loads(x) for x in (tmp_path / "out" / "metrics.json").read_text().splitlines()][-1]
     assert last["iteration"] == 1 and last["loss_kd_at"] > 0
+
+
+@pytest.mark.parametrize("preset,teacher", [("tar_R34_to_R18.yaml", "faster_rcnn_R34_teacher.yaml"),
+                                            ("tar_retinanet_R34_to_R18.yaml", "retinanet_R34_teacher.yaml")])
+def test_mixed_precision_teacher_in_autocast_kd_losses_in_float32(preset, teacher, make_ckpt):
+    """SOLVER.AMP on CPU (what CPU can check: bfloat16 autocast; detectron2's AMPTrainer itself needs CUDA)."""
+    cfg = tiny_cfg(preset, "DISTILL.TEACHER.WEIGHTS", make_ckpt(teacher))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    t = model.setup_teacher()
+    model.train()
+    batch = fixed_batch(cfg)
+    dtypes = []
+    h = t.backbone.register_forward_hook(lambda m, i, o: dtypes.append(next(iter(o.values())).dtype))
+    try:
+        with EventStorage():
+            torch.manual_seed(1)
+            ref = model(batch)
+            torch.manual_seed(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                amp = model(batch)
+    finally:
+        h.remove()
+    assert dtypes == [torch.float32, torch.bfloat16]  # the teacher ran under autocast
+    kd = [k for k in ref if k.startswith("loss_kd_")]
+    assert len(kd) == 3
+    for k in kd:
+        assert amp[k].dtype == torch.float32, k
+        assert amp[k].item() == pytest.approx(ref[k].item(), rel=0.03, abs=1e-3), k
+    sum(amp.values()).backward()
+    grads = [p.grad for p in model.kd_terms["FeatureKD"].adapters.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

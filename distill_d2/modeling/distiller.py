@@ -193,6 +193,8 @@ class DistillerMixin:
         if not self.training:
             return super().forward(batched_inputs)
         teacher = self.setup_teacher()
+        # under SOLVER.AMP both models (teacher included) run in the trainer's autocast
+        amp = torch.is_autocast_enabled(self.device.type)
         raw = {}
         hooks = [(self.backbone, lambda out: raw.__setitem__("features", out))]
         if bottom_up(self.backbone) is not self.backbone:
@@ -210,6 +212,13 @@ class DistillerMixin:
             self._record_heads(rec, raw)
         if not self._teacher_checked:
             self._check_teacher_outputs(rec)
+        with torch.autocast(self.device.type, enabled=False):  # KD losses in float32 (SOLVER.AMP)
+            kd, scalars = self._run_terms(rec.float32() if amp else rec, losses)
+        losses.update(self.weigh_kd(kd, scalars))
+        return losses
+
+    def _run_terms(self, rec, losses):
+        """{loss_kd_*}, {scalars} of every term on ``rec``."""
         kd, scalars = {}, {}
         for name, term in self.kd_terms.items():
             t_losses, t_scalars = term(rec)
@@ -219,8 +228,7 @@ class DistillerMixin:
                                  f"not repeat another term's or a detection loss ({sorted(clash)}).")
             kd.update(t_losses)
             scalars.update(t_scalars)
-        losses.update(self.weigh_kd(kd, scalars))
-        return losses
+        return kd, scalars
 
     def _record_teacher(self, batched_inputs, raw, teacher):
         """The step record: the student's recorded outputs + the teacher's backbone on the same batch."""
