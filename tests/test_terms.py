@@ -274,8 +274,10 @@ def test_mixed_precision_teacher_in_autocast_kd_losses_in_float32(preset, teache
     t = model.setup_teacher()
     model.train()
     batch = fixed_batch(cfg)
-    dtypes = []
+    dtypes, adapter_dtypes = [], []
     h = t.backbone.register_forward_hook(lambda m, i, o: dtypes.append(next(iter(o.values())).dtype))
+    h2 = model.kd_terms["FeatureKD"].adapters["p3"].register_forward_hook(
+        lambda m, i, o: adapter_dtypes.append(o.dtype))
     try:
         with EventStorage():
             torch.manual_seed(1)
@@ -285,7 +287,9 @@ def test_mixed_precision_teacher_in_autocast_kd_losses_in_float32(preset, teache
                 amp = model(batch)
     finally:
         h.remove()
+        h2.remove()
     assert dtypes == [torch.float32, torch.bfloat16]  # the teacher ran under autocast
+    assert adapter_dtypes == [torch.float32, torch.float32]  # the terms (adapters included) did not
     kd = [k for k in ref if k.startswith("loss_kd_")]
     assert len(kd) == 3
     for k in kd:
