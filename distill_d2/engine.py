@@ -14,6 +14,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from .config import add_distill_config
+from .data.checks import ACTIONS as CHECK_ACTIONS, NamedErrors, check_dataset_dicts
 from .hooks import KDLossGuard, KDWeightScheduler, TeacherEvalHook
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,33 @@ class Trainer(DefaultTrainer):
         return model
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader, with the dataset checked first (``DATALOADER.CHECK``) and a
+        mapper whose errors name the image file."""
+        from detectron2.data import DatasetMapper, build_detection_train_loader
+        from detectron2.data.build import _train_loader_from_config, filter_images_with_only_crowd_annotations
+
+        check = cfg.DATALOADER.CHECK
+        if check.ACTION not in CHECK_ACTIONS:
+            raise ValueError(f"DATALOADER.CHECK.ACTION must be one of {CHECK_ACTIONS}, got {check.ACTION!r}.")
+        kwargs = _train_loader_from_config(cfg)
+        if check.ENABLED:
+            arch = cfg.MODEL.META_ARCHITECTURE
+            num_classes = cfg.MODEL.RETINANET.NUM_CLASSES if arch.endswith("RetinaNet") else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+            dataset = check_dataset_dicts(
+                kwargs["dataset"], num_classes, decode=check.DECODE, action=check.ACTION,
+                min_box_size=check.MIN_BOX_SIZE, dataset_name=", ".join(cfg.DATASETS.TRAIN))
+            if dataset is not kwargs["dataset"]:  # dropped: images emptied by it go too; sampler re-sized
+                if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+                    dataset = filter_images_with_only_crowd_annotations(dataset)
+                if not dataset:
+                    raise ValueError(f"No training images left in {', '.join(cfg.DATASETS.TRAIN)} after dropping "
+                                     "the bad ones (DATALOADER.CHECK.ACTION drop).")
+                kwargs = _train_loader_from_config(cfg, kwargs["mapper"], dataset=dataset)
+        kwargs["mapper"] = NamedErrors(kwargs["mapper"] or DatasetMapper(cfg, True))
+        return build_detection_train_loader(**kwargs)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -109,6 +137,32 @@ def setup_cfg(args):
     return load_cfg(args.config_file, args.opts)
 
 
+def _flat_keys(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _flat_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+@contextlib.contextmanager
+def _explain_unknown_keys(cfg, config_file):
+    """yacs reports a typo'd key as ``AssertionError: Non-existent key``: say where and suggest keys."""
+    import difflib
+    import re
+
+    try:
+        yield
+    except (KeyError, AssertionError) as e:
+        m = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
+        if not m:
+            raise
+        key = m.group(1)
+        close = difflib.get_close_matches(key, list(_flat_keys(cfg)), n=3, cutoff=0.8)
+        raise KeyError(f"Unknown config key {key} (in {config_file} or the command line)"
+                       + (f"; did you mean {' or '.join(close)}?" if close else ".")) from None
+
+
 def load_cfg(config_file, opts=()):
     """Frozen config: detectron2 defaults + DISTILL keys, ``config_file``, then ``opts``
     (KEY VALUE pairs, any value type); the teacher's config path is resolved to absolute."""
@@ -118,8 +172,9 @@ def load_cfg(config_file, opts=()):
     add_distill_config(cfg)
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"Config file '{config_file}' not found.")
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list([str(o) for o in opts])
+    with _explain_unknown_keys(cfg, config_file):
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list([str(o) for o in opts])
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu).")
         cfg.MODEL.DEVICE = "cpu"

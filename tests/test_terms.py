@@ -298,3 +298,21 @@ def test_mixed_precision_teacher_in_autocast_kd_losses_in_float32(preset, teache
     sum(amp.values()).backward()
     grads = [p.grad for p in model.kd_terms["FeatureKD"].adapters.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_typo_in_a_key_is_an_error():
+    with pytest.raises(KeyError, match="Unknown config key DISTILL.FEAT.MAKS .*did you mean DISTILL.FEAT.MASK"):
+        tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.FEAT.MAKS", "box")
+
+
+def test_nan_term_stops_the_run_naming_it(teacher_ckpt, tmp_path):
+    @DISTILL_TERM_REGISTRY.register()
+    class NaNAfterOneStepKD(DistillTerm):
+        def forward(self, rec):
+            return {"loss_kd_nan": rec.features["p2"].sum() * float("nan")}, {}
+
+    argv = ["--config-file", os.path.join(SYN, "fitnet_R34_to_R18.yaml")] + TINY_OPTS + [
+        "OUTPUT_DIR", str(tmp_path), "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DATASETS.TEST", "()",
+        "DISTILL.TERMS", "['FeatureKD', 'NaNAfterOneStepKD']", "DISTILL.GUARD.ACTION", "off"]
+    with pytest.raises(FloatingPointError, match=r"(?s)Loss became infinite or NaN.*loss_kd_nan': nan"):
+        main(default_argument_parser().parse_args(argv))
