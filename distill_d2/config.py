@@ -18,6 +18,20 @@ def add_distill_config(cfg):
     # or "pascal_voc".
     cfg.TEST.EVALUATOR = "auto"
 
+    # Check of the training set before training (distill_d2/data/checks.py):
+    # missing image files, boxes with negative/zero or sub-pixel size or outside
+    # the image, class ids outside [0, NUM_CLASSES). Image errors met while
+    # training always name their file.
+    cfg.DATALOADER.CHECK = CN()
+    cfg.DATALOADER.CHECK.ENABLED = True
+    # Fully decode every image (finds truncated/corrupt files): slow for large sets.
+    cfg.DATALOADER.CHECK.DECODE = False
+    # "error" (stop before training, listing the problems) or "drop" (drop the
+    # bad annotations and images, log one warning, train on the rest).
+    cfg.DATALOADER.CHECK.ACTION = "error"
+    # Smallest box width/height in pixels; smaller boxes are problems.
+    cfg.DATALOADER.CHECK.MIN_BOX_SIZE = 1.0
+
     _C = cfg.DISTILL = CN()
 
     # ---------------------------------------------------------------- teacher
