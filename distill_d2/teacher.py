@@ -187,7 +187,7 @@ def file_sha256(path, chunk=1 << 22):
 
 
 class TeacherFingerprint:
-    """Which teacher a run distils from: its config (without MODEL.WEIGHTS / MODEL.DEVICE) and the
+    """Which teacher a run distils from: its model settings (:func:`teacher_settings`) and the
     sha256 of its weights file. A checkpointable of the trainer's checkpointer: saved in every
     checkpoint as ``distill_teacher``; on ``--resume`` a different teacher stops the run
     (``DISTILL.TEACHER.ALLOW_CHANGE_ON_RESUME True`` to go on on purpose, with a warning)."""
@@ -198,13 +198,10 @@ class TeacherFingerprint:
 
     def current(self):
         if self._current is None:
-            cfg = self.teacher_cfg.clone()
-            cfg.defrost()
-            weights = cfg.MODEL.WEIGHTS
-            cfg.MODEL.WEIGHTS, cfg.MODEL.DEVICE = "", ""
+            weights = self.teacher_cfg.MODEL.WEIGHTS
             local = PathManager.get_local_path(weights) if weights else ""
             self._current = {
-                "config": cfg.dump(), "weights": weights,
+                "config": teacher_settings(self.teacher_cfg), "weights": weights,
                 "weights_sha256": file_sha256(local) if local and os.path.isfile(local) else "",
             }
         return self._current
@@ -218,10 +215,11 @@ class TeacherFingerprint:
         if saved.get("weights_sha256") != now["weights_sha256"]:
             diffs.append(f"weights: checkpoint trained with {saved.get('weights')} (sha256 "
                          f"{saved.get('weights_sha256', '')[:12]}), now {now['weights']} (sha256 {now['weights_sha256'][:12]})")
-        if saved.get("config") != now["config"]:
-            old, new = saved.get("config", "").splitlines(), now["config"].splitlines()
-            changed = [f"-{x}" for x in old if x not in new][:8] + [f"+{x}" for x in new if x not in old][:8]
-            diffs.append("config lines (checkpoint -, now +): " + " | ".join(changed))
+        old = saved.get("config", {})
+        changed = [f"{k}: {old[k]!r} -> {now['config'].get(k, '(absent)')!r}"
+                   for k in sorted(old) if now["config"].get(k) != old[k]]
+        if changed:  # keys added since the checkpoint (newer code) do not count
+            diffs.append("teacher settings: " + "; ".join(changed[:10]))
         if not diffs:
             return
         msg = ("This checkpoint was trained with a different teacher than the one configured now: "
@@ -232,6 +230,21 @@ class TeacherFingerprint:
         if not self.allow_change:
             raise TeacherError(msg)
         logger.warning(msg)
+
+
+def teacher_settings(teacher_cfg):
+    """{dotted key: value} of what defines the teacher's outputs: MODEL.* (but WEIGHTS, DEVICE) and INPUT.FORMAT."""
+    out = {"INPUT.FORMAT": teacher_cfg.INPUT.FORMAT}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in ("MODEL.WEIGHTS", "MODEL.DEVICE"):
+                out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+
+    walk(teacher_cfg.MODEL, "MODEL.")
+    return out
 
 
 @torch.no_grad()
