@@ -32,6 +32,15 @@ def add_distill_config(cfg):
     # Smallest box width/height in pixels; smaller boxes are problems.
     cfg.DATALOADER.CHECK.MIN_BOX_SIZE = 1.0
 
+    # Resume exactly: a seeded training stream that continues at the checkpoint's
+    # position with per-sample augmentation seeds, and the RNG states saved in
+    # every checkpoint (distill_d2/data/resumable.py). Needs SAMPLER_TRAIN
+    # TrainingSampler; False = detectron2's own loader (a resumed run then sees
+    # other images and flips than the run it continues).
+    cfg.DATALOADER.EXACT_RESUME = True
+    # Keep only the newest N periodic checkpoints (0 = all, detectron2's behaviour).
+    cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+
     _C = cfg.DISTILL = CN()
 
     # ---------------------------------------------------------------- teacher

@@ -8,13 +8,14 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.modeling import build_model
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from .config import add_distill_config
 from .data.checks import ACTIONS as CHECK_ACTIONS, NamedErrors, check_dataset_dicts
+from .data.resumable import ReseededMapDataset, ResumableTrainingSampler, TrainingState
 from .hooks import KDLossGuard, KDWeightScheduler, TeacherEvalHook
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Trainer(DefaultTrainer):
         with _cpu_safe_ddp():
             super().__init__(cfg)
         model = unwrap(self.model)
+        self._training_state = TrainingState(model, self._data_seed)
+        self.checkpointer.add_checkpointable("training_state", self._training_state)
         if getattr(model, "is_distiller", False):
             from .teacher import TeacherFingerprint
 
@@ -112,7 +115,40 @@ class Trainer(DefaultTrainer):
                                      "the bad ones (DATALOADER.CHECK.ACTION drop).")
                 kwargs = _train_loader_from_config(cfg, kwargs["mapper"], dataset=dataset)
         kwargs["mapper"] = NamedErrors(kwargs["mapper"] or DatasetMapper(cfg, True))
-        return build_detection_train_loader(**kwargs)
+        if not cfg.DATALOADER.EXACT_RESUME:
+            return build_detection_train_loader(**kwargs)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            raise ValueError(f"DATALOADER.EXACT_RESUME needs SAMPLER_TRAIN TrainingSampler (got "
+                             f"{cfg.DATALOADER.SAMPLER_TRAIN}); set DATALOADER.EXACT_RESUME False to use it.")
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        sampler = ResumableTrainingSampler(len(kwargs["dataset"]), seed)
+        dataset = ReseededMapDataset(kwargs["dataset"], kwargs["mapper"], seed)
+        # seed: the DataLoader's own generator (its base seed is otherwise drawn from torch's global RNG at
+        # the first batch, which would shift the RPN/RoI sampling of a resumed run by one draw)
+        kwargs.update(dataset=dataset, mapper=None, sampler=sampler, seed=seed)
+        loader = build_detection_train_loader(**kwargs)
+        loader.resumable = (sampler, dataset)  # Trainer.resume_or_load moves them to the resumed position
+        return loader
+
+    @property
+    def _data_seed(self):
+        res = getattr(self._trainer.data_loader, "resumable", None)
+        return res[0]._seed if res else None
+
+    def resume_or_load(self, resume=True):
+        """DefaultTrainer.resume_or_load; then the data stream continues where the checkpoint was taken
+        (``DATALOADER.EXACT_RESUME``), with the RNG states of that moment (``TrainingState``)."""
+        if resume and not self.checkpointer.has_checkpoint():
+            logger.warning("--resume: no checkpoint in %s; starting from MODEL.WEIGHTS at iteration 0.",
+                           self.cfg.OUTPUT_DIR)
+        super().resume_or_load(resume=resume)
+        res = getattr(self._trainer.data_loader, "resumable", None)
+        if res is not None:
+            sampler, dataset = res
+            sampler._seed = dataset._seed = self._training_state.data_seed
+            sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+            if self.start_iter:
+                logger.info("Resuming the data stream at sample %d (seed %d).", sampler.start, sampler._seed)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -129,6 +165,10 @@ class Trainer(DefaultTrainer):
             ret.insert(1, KDLossGuard(self.cfg.DISTILL.GUARD))
             if self.cfg.DISTILL.TEACHER.EVAL_BEFORE_TRAIN:
                 ret.insert(1, TeacherEvalHook())
+        keep = self.cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP
+        for h in ret:
+            if isinstance(h, hooks.PeriodicCheckpointer) and keep > 0:
+                h.max_to_keep = keep
         return ret
 
 
@@ -222,6 +262,11 @@ def main(args):
     """Entry point of train_net.py (run in every launched process)."""
     cfg = setup_cfg(args)
     default_setup(cfg, args)
+    from detectron2.utils.logger import setup_logger
+
+    # the project's own log lines (teacher loaded, terms, resume, data checks) on the console and in log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="distill_d2", abbrev_name="distill_d2")
+    logging.getLogger("distill_d2").propagate = True  # (setup_logger turns it off; handlers of the root stay usable)
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:
             raise ValueError("--eval-only needs weights: pass MODEL.WEIGHTS /path/to/model.pth (or --resume).")
