@@ -173,8 +173,9 @@ class Trainer(DefaultTrainer):
 
 
 def setup_cfg(args):
-    """Config from the command line's ``args.config_file`` + ``args.opts``."""
-    return load_cfg(args.config_file, args.opts)
+    """Config from the command line's ``args.config_file`` + ``args.opts`` (``--eval-only`` does not
+    need the teacher's config file to exist)."""
+    return load_cfg(args.config_file, args.opts, need_teacher=not getattr(args, "eval_only", False))
 
 
 def _flat_keys(node, prefix=""):
@@ -203,9 +204,10 @@ def _explain_unknown_keys(cfg, config_file):
                        + (f"; did you mean {' or '.join(close)}?" if close else ".")) from None
 
 
-def load_cfg(config_file, opts=()):
+def load_cfg(config_file, opts=(), need_teacher=True):
     """Frozen config: detectron2 defaults + DISTILL keys, ``config_file``, then ``opts``
-    (KEY VALUE pairs, any value type); the teacher's config path is resolved to absolute."""
+    (KEY VALUE pairs, any value type); the teacher's config path is resolved to absolute
+    (a missing teacher config is an error only with ``need_teacher``)."""
     from .teacher import resolve_config_path
 
     cfg = get_cfg()
@@ -219,9 +221,13 @@ def load_cfg(config_file, opts=()):
         logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu).")
         cfg.MODEL.DEVICE = "cpu"
     if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
-        cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_config_path(
-            cfg.DISTILL.TEACHER.CONFIG_FILE, os.path.dirname(os.path.abspath(config_file))
-        )
+        try:
+            cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_config_path(
+                cfg.DISTILL.TEACHER.CONFIG_FILE, os.path.dirname(os.path.abspath(config_file))
+            )
+        except (FileNotFoundError, ValueError):
+            if need_teacher:
+                raise
     else:
         check_no_distill_block(cfg)
     cfg.freeze()
@@ -270,8 +276,18 @@ def main(args):
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:
             raise ValueError("--eval-only needs weights: pass MODEL.WEIGHTS /path/to/model.pth (or --resume).")
-        model = build_model(cfg)  # inference never uses the teacher: it is not built
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # inference never uses the teacher: a distillation config is evaluated as its plain student
+        # (distill checkpoint with the kd_* entries dropped), so the teacher's files need not exist
+        if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
+            from .export import StudentCheckpointer, student_cfg_from
+
+            cfg = student_cfg_from(cfg, keep_weights=True)
+            model = build_model(cfg)
+            StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        else:
+            model = build_model(cfg)
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
+                                                                                 resume=args.resume)
         res = Trainer.test(cfg, model)
         write_results(cfg, res, "eval_results.json")
         return res

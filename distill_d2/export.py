@@ -12,6 +12,7 @@ import logging
 import os
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 logger = logging.getLogger(__name__)
@@ -23,17 +24,36 @@ def student_state_dict(state_dict):
     return {k: v for k, v in state_dict.items() if not k.startswith(KD_PREFIX)}
 
 
-def student_cfg_from(cfg):
-    """The plain student config of a distillation config (META_ARCHITECTURE swapped)."""
+class StudentCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that loads a distillation checkpoint into the plain student: the
+    ``kd_*`` entries (adapters) and the distillation-only states are dropped."""
+
+    def _load_file(self, f):
+        data = super()._load_file(f)
+        if isinstance(data.get("model"), dict):
+            data["model"] = student_state_dict(data["model"])
+        for k in ("distill_teacher", "training_state"):
+            data.pop(k, None)
+        return data
+
+
+def student_cfg_from(cfg, keep_weights=False):
+    """The plain student config of a distillation config (META_ARCHITECTURE swapped; the
+    DISTILL block reset, since the plain detector ignores it; MODEL.WEIGHTS kept only with
+    ``keep_weights``)."""
     from detectron2.modeling import META_ARCH_REGISTRY
 
     arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
     if not getattr(arch, "is_distiller", False):
         raise ValueError(f"{cfg.MODEL.META_ARCHITECTURE} is not a distillation meta-architecture.")
+    from .terms import default_distill_node
+
     scfg = cfg.clone()
     scfg.defrost()
     scfg.MODEL.META_ARCHITECTURE = arch.STUDENT_META_ARCH
-    scfg.MODEL.WEIGHTS = ""
+    if not keep_weights:
+        scfg.MODEL.WEIGHTS = ""
+    scfg.DISTILL = default_distill_node()
     scfg.freeze()
     return scfg
 
@@ -66,7 +86,7 @@ def export_student(cfg, input_path, output_path):
 
 
 def main(argv=None):
-    from .engine import setup_cfg
+    from .engine import load_cfg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="the distillation config the checkpoint was trained with")
@@ -75,7 +95,7 @@ def main(argv=None):
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    n = export_student(setup_cfg(args), args.input, args.output)
+    n = export_student(load_cfg(args.config_file, args.opts, need_teacher=False), args.input, args.output)
     print(f"exported {n} tensors -> {args.output}")
 
 

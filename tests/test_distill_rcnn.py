@@ -263,18 +263,29 @@ def test_trainer_decay_logging_resume_teacher_eval_and_eval_only(teacher_ckpt, t
     assert got2 == {2: pytest.approx(0.5), 3: pytest.approx(0.25)}
 
     # --eval-only: distill config + distill checkpoint == student config + exported checkpoint
-    def eval_only(config, weights, sub):
+    def eval_only(config, weights, sub, *extra):
         argv = ["--config-file", os.path.join(SYN, config), "--eval-only"] + TINY_OPTS + [
-            "OUTPUT_DIR", str(tmp_path / sub), "MODEL.WEIGHTS", weights]
+            "OUTPUT_DIR", str(tmp_path / sub), "MODEL.WEIGHTS", weights] + list(extra)
         return main(default_argument_parser().parse_args(argv))["bbox"]
 
     a = eval_only(TAR, str(out / "model_final.pth"), "ev_distill")
+    # inference never needs the teacher: its config and weights may be gone
+    a2 = eval_only(TAR, str(out / "model_final.pth"), "ev_no_teacher", "DISTILL.TEACHER.CONFIG_FILE",
+                   str(tmp_path / "gone.yaml"), "DISTILL.TEACHER.WEIGHTS", str(tmp_path / "gone.pth"))
     export_student(cfg, str(out / "model_final.pth"), str(tmp_path / "student.pth"))
     b = eval_only("faster_rcnn_R18_student.yaml", str(tmp_path / "student.pth"), "ev_student")
     def same(x, y):  # equal, NaN (metric without objects, e.g. APl on tiny val) matching NaN
         return x == y or (x != x and y != y)
 
     assert set(a) == set(b) and all(same(a[k], b[k]) for k in a)
+    assert set(a2) == set(a) and all(same(a[k], a2[k]) for k in a)
+    from distill_d2.export import main as export_main
+
+    export_main(["--config-file", os.path.join(SYN, TAR), "--input", str(out / "model_final.pth"), "--output",
+                 str(tmp_path / "student2.pth"), "DISTILL.TEACHER.CONFIG_FILE", str(tmp_path / "gone.yaml")] + TINY_OPTS)
+    s1 = torch.load(tmp_path / "student.pth", weights_only=False)["model"]
+    s2 = torch.load(tmp_path / "student2.pth", weights_only=False)["model"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
     assert a["AP"] == a["AP"]  # AP itself is a number
 
 
