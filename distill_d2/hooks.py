@@ -44,9 +44,10 @@ class KDWeightScheduler(HookBase):
     """Sets ``model.kd_weight = lambda(iter)`` before each step and logs it as ``kd_weight``;
     after the step, logs the terms' scalars (gate pass rates, ...)."""
 
-    def __init__(self, decay_cfg, max_iter):
+    def __init__(self, decay_cfg, max_iter, print_period=20):
         self._cfg = decay_cfg
         self._max_iter = max_iter
+        self._period = print_period
 
     def before_step(self):
         from .engine import unwrap
@@ -58,7 +59,14 @@ class KDWeightScheduler(HookBase):
     def after_step(self):
         from .engine import unwrap
 
-        unwrap(self.trainer.model).log_kd_scalars(self.trainer.storage)
+        storage = self.trainer.storage
+        unwrap(self.trainer.model).log_kd_scalars(storage)
+        it = self.trainer.iter
+        if comm.is_main_process() and ((it + 1) % self._period == 0 or it + 1 == self._max_iter):
+            # detectron2's console printer shows losses only: lambda and the terms' scalars go here
+            h = storage.histories()
+            extra = "  ".join(f"{k}: {h[k].median(self._period):.4g}" for k in sorted(h) if k.startswith("kd/"))
+            logger.info("iter: %d  kd_weight: %.4g  %s", it, h["kd_weight"].latest(), extra)
 
 
 class KDLossGuard(HookBase):

@@ -35,10 +35,21 @@ def resolve_config_path(path, config_dir=None):
     for c in candidates:
         if os.path.isfile(c):
             return os.path.abspath(c)
+    try:  # a detectron2 model-zoo name, e.g. COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml
+        from detectron2 import model_zoo
+
+        return model_zoo.get_config_file(path)
+    except RuntimeError:
+        pass
     raise FileNotFoundError(
-        f"Teacher config '{path}' not found (looked at: {', '.join(candidates)}). "
+        f"Teacher config '{path}' not found (looked at: {', '.join(candidates)}, and the detectron2 model zoo). "
         "Fix DISTILL.TEACHER.CONFIG_FILE."
     )
+
+
+#: teacher settings taken from the student config unless DISTILL.TEACHER.OPTS sets them
+FOLLOW_STUDENT = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES", "DATASETS.TRAIN", "DATASETS.TEST",
+                  "INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN", "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST")
 
 
 def get_teacher_cfg(cfg):
@@ -48,6 +59,14 @@ def get_teacher_cfg(cfg):
     tcfg = get_cfg()
     add_distill_config(tcfg)
     tcfg.merge_from_file(resolve_config_path(cfg.DISTILL.TEACHER.CONFIG_FILE))
+    # what must agree with the student follows it (a teacher trained on the same data needs no
+    # YAML edit); DISTILL.TEACHER.OPTS, applied after, still overrides any of these
+    for key in FOLLOW_STUDENT:
+        node_s, node_t = cfg, tcfg
+        *path, leaf = key.split(".")
+        for p in path:
+            node_s, node_t = node_s[p], node_t[p]
+        node_t[leaf] = node_s[leaf]
     tcfg.merge_from_list(list(cfg.DISTILL.TEACHER.OPTS))
     if cfg.DISTILL.TEACHER.WEIGHTS:
         tcfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER.WEIGHTS
@@ -85,7 +104,13 @@ def load_teacher_weights(model, weights, strict=True):
             "config). Distilling from a randomly initialised teacher is never what you want."
         )
     checkpointer = _RecordingCheckpointer(model)
-    local = checkpointer.path_manager.get_local_path(weights)
+    try:
+        local = checkpointer.path_manager.get_local_path(weights)
+    except Exception as e:  # an unreachable URL / detectron2:// model-zoo file
+        raise TeacherError(
+            f"Cannot fetch teacher weights '{weights}' ({type(e).__name__}: {e}). Download the file on a machine "
+            "with internet access and pass the local path: DISTILL.TEACHER.WEIGHTS /path/to/model_final.pkl"
+        ) from None
     if not os.path.isfile(local):
         raise FileNotFoundError(
             f"Teacher weights '{weights}' not found. Train the teacher first (train_net.py with the "
@@ -109,7 +134,9 @@ def load_teacher_weights(model, weights, strict=True):
             f"Teacher checkpoint '{weights}' does not match the teacher model built from its config: "
             + "; ".join(problems)
             + ". Check that DISTILL.TEACHER.WEIGHTS belongs to DISTILL.TEACHER.CONFIG_FILE "
-            "(depth, FPN channels, NUM_CLASSES), or set DISTILL.TEACHER.STRICT_LOAD False to only warn."
+            "(depth, FPN channels). The teacher's NUM_CLASSES follows the student's: a teacher with another "
+            "class set (e.g. a COCO model) must be fine-tuned on your data first; if its config really "
+            "differs, set it with DISTILL.TEACHER.OPTS. DISTILL.TEACHER.STRICT_LOAD False only warns."
         )
         if strict:
             raise TeacherError(msg)
@@ -147,8 +174,9 @@ def check_compatible(student_backbone, teacher_backbone, levels, student_cfg, te
     if s_k != t_k:
         raise TeacherError(
             f"Class-count mismatch: the student predicts {s_k} classes but the teacher {t_k}. "
-            "Distil from a teacher trained on the same label set, or set the same "
-            "MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES in both configs."
+            "Distil from a teacher trained on the same label set (the teacher's NUM_CLASSES follows the "
+            "student's unless DISTILL.TEACHER.OPTS sets it: remove it there, or set the student's "
+            "MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES)."
         )
     s_div, t_div = student_backbone.size_divisibility, teacher_backbone.size_divisibility
     if s_div != t_div:

@@ -2,6 +2,7 @@
 import copy
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -234,7 +235,7 @@ def test_two_process_cpu_launch_of_distillation(teacher_ckpt, tmp_path, datasets
 
 
 # ------------------------------------------------------------ trainer / train_net
-def test_trainer_decay_logging_resume_teacher_eval_and_eval_only(teacher_ckpt, tmp_path):
+def test_trainer_decay_logging_resume_teacher_eval_and_eval_only(teacher_ckpt, tmp_path, caplog):
     from detectron2.engine import default_argument_parser
 
     from distill_d2.engine import Trainer, main
@@ -246,7 +247,9 @@ def test_trainer_decay_logging_resume_teacher_eval_and_eval_only(teacher_ckpt, t
     cfg = distill_cfg(teacher_ckpt, *opts)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="distill_d2.hooks"):
+        trainer.train()
+    assert re.search(r"iter: 3  kd_weight: 0.25  kd/box_gate_frac: [\d.]+  kd/cls_gate_frac: [\d.]+", caplog.text)
     got = {it: v for v, it in trainer.storage.history("kd_weight").values()}
     assert got == {i: pytest.approx(kd_weight(i, 4, cfg.DISTILL.DECAY)) for i in range(4)}
     assert got[2] == pytest.approx(0.5)

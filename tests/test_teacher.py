@@ -1,5 +1,6 @@
 """Teacher fingerprint: a checkpoint records its teacher; --resume with another teacher is refused."""
 import logging
+import os
 
 import pytest
 import torch
@@ -43,3 +44,35 @@ def test_resume_with_a_different_teacher_is_refused(teacher_ckpt, tmp_path, capl
     with caplog.at_level(logging.WARNING):
         trainer = run(cfg, resume=True)
     assert trainer.start_iter == 2 and "different teacher" in caplog.text
+
+
+def test_teacher_config_by_model_zoo_name():
+    cfg = tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.CONFIG_FILE", "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml")
+    assert cfg.DISTILL.TEACHER.CONFIG_FILE.endswith("COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml")
+    assert os.path.isfile(cfg.DISTILL.TEACHER.CONFIG_FILE)
+    with pytest.raises(FileNotFoundError, match="and the detectron2 model zoo"):
+        tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.CONFIG_FILE", "COCO-Detection/nope.yaml")
+
+
+def test_unreachable_teacher_url_is_one_clear_error():
+    from detectron2.modeling import build_model
+
+    model = build_model(tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", "http://127.0.0.1:9/teacher.pth"))
+    with pytest.raises(TeacherError, match=r"Cannot fetch teacher weights 'http://127.0.0.1:9/teacher.pth'.*"
+                                           r"DISTILL.TEACHER.WEIGHTS /path/to/"):
+        model.setup_teacher()
+
+
+def test_classes_datasets_and_sizes_follow_the_student(teacher_ckpt):
+    from detectron2.modeling import build_model
+
+    from distill_d2.teacher import get_teacher_cfg
+
+    cfg = tiny_cfg("tar_R34_to_R18.yaml", "MODEL.ROI_HEADS.NUM_CLASSES", 3, "DATASETS.TRAIN", "('bccd_train',)",
+                   "INPUT.MIN_SIZE_TEST", 96)
+    t = get_teacher_cfg(cfg)  # the teacher YAML says 6 classes, synthetic data, 256 px
+    assert (t.MODEL.ROI_HEADS.NUM_CLASSES, t.DATASETS.TRAIN, t.INPUT.MIN_SIZE_TEST) == (3, ("bccd_train",), 96)
+    build_model(cfg)  # no class-count mismatch
+    cfg = tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.OPTS", "['MODEL.ROI_HEADS.NUM_CLASSES', 4]")
+    with pytest.raises(TeacherError, match="student predicts 6 classes but the teacher 4.*DISTILL.TEACHER.OPTS"):
+        build_model(cfg)
