@@ -5,7 +5,6 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, hooks
@@ -13,6 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
+from .checkpoint import DistillCheckpointer
 from .config import add_distill_config
 from .data.checks import ACTIONS as CHECK_ACTIONS, NamedErrors, check_dataset_dicts
 from .data.resumable import ReseededMapDataset, ResumableTrainingSampler, TrainingState
@@ -72,6 +72,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with _cpu_safe_ddp():
             super().__init__(cfg)
+        # same checkpointer object (the periodic-checkpoint hook holds it), plus torchvision ResNet weights
+        self.checkpointer.__class__ = DistillCheckpointer
         model = unwrap(self.model)
         self._training_state = TrainingState(model, self._data_seed)
         self.checkpointer.add_checkpointable("training_state", self._training_state)
@@ -286,8 +288,7 @@ def main(args):
             StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         else:
             model = build_model(cfg)
-            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
-                                                                                 resume=args.resume)
+            DistillCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         write_results(cfg, res, "eval_results.json")
         return res

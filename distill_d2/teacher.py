@@ -9,10 +9,11 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
+
+from .checkpoint import DistillCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ def get_teacher_cfg(cfg):
     return tcfg
 
 
-class _RecordingCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that keeps the incompatible keys it logs."""
+class _RecordingCheckpointer(DistillCheckpointer):
+    """DistillCheckpointer (torchvision ResNets too) that keeps the incompatible keys it logs."""
 
     incompatible = None
 
