@@ -41,6 +41,10 @@ def add_distill_config(cfg):
     # Keep only the newest N periodic checkpoints (0 = all, detectron2's behaviour).
     cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
 
+    from .data.own import add_dataset_config
+
+    add_dataset_config(cfg)  # DATASETS.COCO / DATASETS.VOC: own datasets without Python
+
     _C = cfg.DISTILL = CN()
 
     # ---------------------------------------------------------------- teacher

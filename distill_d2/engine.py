@@ -103,6 +103,7 @@ class Trainer(DefaultTrainer):
         if check.ACTION not in CHECK_ACTIONS:
             raise ValueError(f"DATALOADER.CHECK.ACTION must be one of {CHECK_ACTIONS}, got {check.ACTION!r}.")
         kwargs = _train_loader_from_config(cfg)
+        check_class_count(cfg)
         if check.ENABLED:
             arch = cfg.MODEL.META_ARCHITECTURE
             num_classes = cfg.MODEL.RETINANET.NUM_CLASSES if arch.endswith("RetinaNet") else cfg.MODEL.ROI_HEADS.NUM_CLASSES
@@ -219,6 +220,9 @@ def load_cfg(config_file, opts=(), need_teacher=True):
     with _explain_unknown_keys(cfg, config_file):
         cfg.merge_from_file(config_file)
         cfg.merge_from_list([str(o) for o in opts])
+    from .data.own import register_from_cfg
+
+    register_from_cfg(cfg)  # DATASETS.COCO / DATASETS.VOC, in every process that loads this config
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu).")
         cfg.MODEL.DEVICE = "cpu"
@@ -234,6 +238,20 @@ def load_cfg(config_file, opts=(), need_teacher=True):
         check_no_distill_block(cfg)
     cfg.freeze()
     return cfg
+
+
+def check_class_count(cfg):
+    """The model must predict as many classes as the training data has (after its dicts are loaded)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    key = "MODEL.RETINANET.NUM_CLASSES" if "RetinaNet" in arch else "MODEL.ROI_HEADS.NUM_CLASSES"
+    k = cfg.MODEL.RETINANET.NUM_CLASSES if "RetinaNet" in arch else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in cfg.DATASETS.TRAIN:
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is not None and len(classes) != k:
+            raise ValueError(
+                f"Dataset '{name}' has {len(classes)} classes ({', '.join(map(str, classes[:10]))}"
+                f"{', ...' if len(classes) > 10 else ''}) but {key} is {k}: set {key} {len(classes)} "
+                "(a distillation teacher follows the student's class count).")
 
 
 def is_distiller_arch(name):
