@@ -30,13 +30,18 @@ def finished_with_config(config, out_dir, opts):
     """True when ``out_dir`` holds a finished run (results.json) whose saved config.yaml
     equals the merged config of ``config`` + ``opts`` now (so editing a YAML, or one of
     its ``_BASE_`` files, invalidates the cached run)."""
+    return os.path.isfile(os.path.join(out_dir, "results.json")) and same_config(config, out_dir, opts)
+
+
+def same_config(config, out_dir, opts):
+    """True when ``out_dir/config.yaml`` (written when a run starts) equals the merged config now."""
     import yaml
 
     from .engine import load_cfg
     from .terms import default_distill_node
 
     saved = os.path.join(out_dir, "config.yaml")
-    if not (os.path.isfile(os.path.join(out_dir, "results.json")) and os.path.isfile(saved)):
+    if not os.path.isfile(saved):
         return False
     cfg = load_cfg(config, list(opts) + ["OUTPUT_DIR", out_dir])
     with open(saved) as f:
@@ -55,18 +60,23 @@ def run_train_net(config, out_dir, opts, label, cache=True):
     """Run train_net.py; returns (results["bbox"], s/iter).
 
     With ``cache``, a finished run in ``out_dir`` with the same merged config is
-    reused instead of retrained.
+    reused instead of retrained. An interrupted run (a checkpoint, no results) of the
+    same config is resumed from its last checkpoint (exactly, see docs/ROBUSTNESS.md).
     """
     argv = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
             "OUTPUT_DIR", out_dir] + [str(o) for o in opts]
     res_file = os.path.join(out_dir, "results.json")
+    if (os.path.isfile(os.path.join(out_dir, "last_checkpoint")) and not os.path.isfile(res_file)
+            and same_config(config, out_dir, opts)):
+        argv.insert(2, "--resume")  # an interrupted run of the same settings: continue it exactly
     if cache and finished_with_config(config, out_dir, opts):
         print(f"[demo] {label}: cached in {out_dir} (delete it to retrain)", flush=True)
     else:
         os.makedirs(out_dir, exist_ok=True)
         if os.path.isfile(res_file):
             os.remove(res_file)  # a stale result must not survive a failed retrain
-        print(f"[demo] {label}: training ({' '.join(map(str, opts))})", flush=True)
+        how = "resuming from its last checkpoint" if "--resume" in argv else "training"
+        print(f"[demo] {label}: {how} ({' '.join(map(str, opts))})", flush=True)
         t0 = time.time()
         with open(os.path.join(out_dir, "log.txt"), "w") as log:
             env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they happen

@@ -60,3 +60,17 @@ def test_speed_mask_builders(capsys):
     rows = time_masks(images=1, boxes_per_image=3, size=(64, 96), reps=1)
     assert [r[0] for r in rows] == ["gaussian", "box", "defeat", "backbone"] and all(t > 0 for _, t in rows)
     assert "| gaussian |" in capsys.readouterr().out
+
+
+def test_interrupted_run_is_resumed_from_its_checkpoint(tmp_path, datasets_dir):
+    opts = TINY_OPTS + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"]
+    out = tmp_path / "run"
+    cfg = os.path.join(SYN, "faster_rcnn_R18_student.yaml")
+    run_train_net(cfg, str(out), opts, "tiny")
+    # simulate a crash after the iteration-2 checkpoint: no final model, no results
+    for f in ("model_final.pth", "results.json"):
+        (out / f).unlink()
+    (out / "last_checkpoint").write_text("model_0000001.pth")
+    res, _ = run_train_net(cfg, str(out), opts, "tiny", cache=False)
+    log = (out / "log.txt").read_text()
+    assert "Resuming the data stream at sample 4" in log and (out / "model_final.pth").is_file() and "AP" in res
