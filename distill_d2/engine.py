@@ -103,7 +103,6 @@ class Trainer(DefaultTrainer):
         if check.ACTION not in CHECK_ACTIONS:
             raise ValueError(f"DATALOADER.CHECK.ACTION must be one of {CHECK_ACTIONS}, got {check.ACTION!r}.")
         kwargs = _train_loader_from_config(cfg)
-        check_class_count(cfg)
         if check.ENABLED:
             arch = cfg.MODEL.META_ARCHITECTURE
             num_classes = cfg.MODEL.RETINANET.NUM_CLASSES if arch.endswith("RetinaNet") else cfg.MODEL.ROI_HEADS.NUM_CLASSES
@@ -117,6 +116,8 @@ class Trainer(DefaultTrainer):
                     raise ValueError(f"No training images left in {', '.join(cfg.DATASETS.TRAIN)} after dropping "
                                      "the bad ones (DATALOADER.CHECK.ACTION drop).")
                 kwargs = _train_loader_from_config(cfg, kwargs["mapper"], dataset=dataset)
+        if not (check.ENABLED and check.ACTION == "drop"):  # (drop: annotations of unknown classes are gone)
+            check_class_count(cfg)
         kwargs["mapper"] = NamedErrors(kwargs["mapper"] or DatasetMapper(cfg, True))
         if not cfg.DATALOADER.EXACT_RESUME:
             return build_detection_train_loader(**kwargs)
@@ -241,7 +242,8 @@ def load_cfg(config_file, opts=(), need_teacher=True):
 
 
 def check_class_count(cfg):
-    """The model must predict as many classes as the training data has (after its dicts are loaded)."""
+    """The model must predict as many classes as the training data has (after its dicts are loaded
+    and DATALOADER.CHECK reported annotation problems, class ids out of range included)."""
     arch = cfg.MODEL.META_ARCHITECTURE
     key = "MODEL.RETINANET.NUM_CLASSES" if "RetinaNet" in arch else "MODEL.ROI_HEADS.NUM_CLASSES"
     k = cfg.MODEL.RETINANET.NUM_CLASSES if "RetinaNet" in arch else cfg.MODEL.ROI_HEADS.NUM_CLASSES

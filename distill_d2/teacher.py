@@ -49,7 +49,8 @@ def resolve_config_path(path, config_dir=None):
 
 
 #: teacher settings taken from the student config unless DISTILL.TEACHER.OPTS sets them
-FOLLOW_STUDENT = ("MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES", "DATASETS.TRAIN", "DATASETS.TEST",
+#: (the class count too: the student's, whatever the teacher's detector family)
+FOLLOW_STUDENT = ("DATASETS.TRAIN", "DATASETS.TEST",
                   "INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN", "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST")
 
 
@@ -62,6 +63,7 @@ def get_teacher_cfg(cfg):
     tcfg.merge_from_file(resolve_config_path(cfg.DISTILL.TEACHER.CONFIG_FILE))
     # what must agree with the student follows it (a teacher trained on the same data needs no
     # YAML edit); DISTILL.TEACHER.OPTS, applied after, still overrides any of these
+    tcfg.MODEL.ROI_HEADS.NUM_CLASSES = tcfg.MODEL.RETINANET.NUM_CLASSES = _num_classes(cfg)  # either family
     for key in FOLLOW_STUDENT:
         node_s, node_t = cfg, tcfg
         *path, leaf = key.split(".")

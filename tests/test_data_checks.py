@@ -257,7 +257,7 @@ def test_train_with_drop_trains(bad_set, tmp_path, caplog):
 
 def test_train_without_check_names_the_corrupt_file(truncated_set, tmp_path):
     with pytest.raises(RuntimeError, match=r"Failed to load or augment image \S+img3\.jpg .*truncated") as e:
-        run_main(tmp_path, truncated_set, "DATALOADER.CHECK.ENABLED", "False")
+        run_main(tmp_path, truncated_set, "DATALOADER.CHECK.ENABLED", "False", "MODEL.ROI_HEADS.NUM_CLASSES", "3")
     assert isinstance(e.value.__cause__, OSError)
 
 
