@@ -241,6 +241,22 @@ def load_cfg(config_file, opts=(), need_teacher=True):
     return cfg
 
 
+def _warn_if_other_teacher(cfg):
+    """--eval-only: compare the checkpoint's teacher fingerprint with the configured teacher (a warning:
+    inference does not use the teacher, whose files may be gone)."""
+    from .teacher import TeacherError, TeacherFingerprint, get_teacher_cfg
+
+    if not os.path.isfile(cfg.MODEL.WEIGHTS):
+        return
+    try:
+        teacher_cfg = get_teacher_cfg(cfg)
+    except (FileNotFoundError, TeacherError):
+        return
+    saved = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=False)
+    if isinstance(saved, dict) and "distill_teacher" in saved:
+        TeacherFingerprint(teacher_cfg, allow_change="eval").load_state_dict(saved["distill_teacher"])
+
+
 def check_class_count(cfg):
     """The model must predict as many classes as the training data has (after its dicts are loaded
     and DATALOADER.CHECK reported annotation problems, class ids out of range included)."""
@@ -302,6 +318,8 @@ def main(args):
         # (distill checkpoint with the kd_* entries dropped), so the teacher's files need not exist
         if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
             from .export import StudentCheckpointer, student_cfg_from
+
+            _warn_if_other_teacher(cfg)
 
             cfg = student_cfg_from(cfg, keep_weights=True)
             model = build_model(cfg)

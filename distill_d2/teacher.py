@@ -253,6 +253,11 @@ class TeacherFingerprint:
             diffs.append("teacher settings: " + "; ".join(changed[:10]))
         if not diffs:
             return
+        if self.allow_change == "eval":
+            logger.warning("This checkpoint was trained with a different teacher than the one configured now: %s. "
+                           "--eval-only does not use the teacher (the results are the student's), but check that "
+                           "this is the run you meant.", "; ".join(diffs))
+            return
         msg = ("This checkpoint was trained with a different teacher than the one configured now: "
                + "; ".join(diffs) + ". Resuming would silently change the distillation target. Point "
                "DISTILL.TEACHER.CONFIG_FILE / WEIGHTS back to the original teacher, start a new run (new "

@@ -44,6 +44,18 @@ def test_resume_with_a_different_teacher_is_refused(teacher_ckpt, tmp_path, capl
     with caplog.at_level(logging.WARNING):
         trainer = run(cfg, resume=True)
     assert trainer.start_iter == 2 and "different teacher" in caplog.text
+    # --eval-only with another teacher configured: a warning (inference does not use the teacher)
+    from detectron2.engine import default_argument_parser
+
+    from conftest import SYN, TINY_OPTS
+    from distill_d2.engine import main
+
+    caplog.clear()
+    argv = ["--config-file", os.path.join(SYN, "fitnet_R34_to_R18.yaml"), "--eval-only"] + TINY_OPTS + [
+        "MODEL.WEIGHTS", f"{out}/model_0000001.pth", "DISTILL.TEACHER.WEIGHTS", other, "OUTPUT_DIR", str(tmp_path / "ev")]
+    with caplog.at_level(logging.WARNING):
+        main(default_argument_parser().parse_args(argv))
+    assert "different teacher" in caplog.text and "--eval-only does not use the teacher" in caplog.text
 
 
 def test_teacher_config_by_model_zoo_name():
