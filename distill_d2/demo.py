@@ -147,7 +147,7 @@ def plot_results(runs, out_png, title):
     plt.close(fig)
 
 
-def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thresh=0.5):
+def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thresh=0.5, opts=()):
     """Side-by-side PNG of predictions (one column per model) on the first val images."""
     import cv2
     import numpy as np
@@ -159,7 +159,7 @@ def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thres
 
     from .engine import load_cfg
 
-    cfg = load_cfg(cfg_file, ["MODEL.DEVICE", "cpu"])
+    cfg = load_cfg(cfg_file, list(opts) + ["MODEL.DEVICE", "cpu"])
     name = cfg.DATASETS.TEST[0]
     dicts, meta = DatasetCatalog.get(name)[:n_images], MetadataCatalog.get(name)
     columns = []
@@ -199,12 +199,12 @@ SUITES = {
 VIS_THRESH = {"frcnn": 0.5, "retinanet": 0.3}
 
 
-def export_distilled_student(config, run_dir, teacher_w):
+def export_distilled_student(config, run_dir, teacher_w, opts=()):
     """Export a distillation run's student (kd_* adapters dropped) to ``<run_dir>/student.pth``."""
     from .engine import load_cfg
     from .export import export_student
 
-    cfg = load_cfg(config, ["DISTILL.TEACHER.WEIGHTS", teacher_w, "MODEL.DEVICE", "cpu"])
+    cfg = load_cfg(config, list(opts) + ["DISTILL.TEACHER.WEIGHTS", teacher_w, "MODEL.DEVICE", "cpu"])
     out = os.path.join(run_dir, "student.pth")
     export_student(cfg, os.path.join(run_dir, "model_final.pth"), out)
     return out
@@ -220,6 +220,13 @@ def main(argv=None):
     p.add_argument("--teacher-iters", type=int, default=None, help="default: the teacher config's SOLVER.MAX_ITER")
     p.add_argument("--reuse-runs", action="store_true",
                    help="also reuse finished student runs with the same settings (the teacher always is)")
+    p.add_argument("--data", default=None, help="a Pascal-VOC folder to run on instead of the synthetic data "
+                   "(registered as <data-name>_train/_val: its ImageSets/Main splits, or a seeded 80/20 split)")
+    p.add_argument("--data-name", default="data", help="dataset name prefix for --data")
+    p.add_argument("--stage", choices=["all", "teacher", "students", "report"], default="all",
+                   help="teacher: train only the teacher; students: the students (the teacher must be finished); "
+                        "report: only tables and pictures from finished runs")
+    p.add_argument("--opts", nargs="*", default=[], help="KEY VALUE overrides for every run (e.g. INPUT sizes)")
     args = p.parse_args(argv)
     teacher_yaml, student_yaml, presets = SUITES[args.suite]
     unknown = [m for m in args.methods if m not in presets]
@@ -233,10 +240,42 @@ def main(argv=None):
 
     import distill_d2  # noqa: F401
 
-    t0 = time.time()
-    for split in ("synthetic_train", "synthetic_val"):
-        DatasetCatalog.get(split)
-    print(f"[demo] synthetic dataset ready ({time.time() - t0:.1f} s)", flush=True)
+    data_opts = list(args.opts)
+    if args.data:
+        from .data.builtin import voc_class_names
+
+        k = len(voc_class_names(args.data))
+        n = args.data_name
+        data_opts += ["DATASETS.VOC", str([[n, os.path.abspath(args.data)]]), "DATASETS.TRAIN", f"('{n}_train',)",
+                      "DATASETS.TEST", f"('{n}_val',)", "MODEL.ROI_HEADS.NUM_CLASSES", k, "MODEL.RETINANET.NUM_CLASSES", k,
+                      "TEST.EVALUATOR", "coco"]
+        print(f"[demo] data: {args.data} ({k} classes) as {n}_train / {n}_val", flush=True)
+    else:
+        t0 = time.time()
+        for split in ("synthetic_train", "synthetic_val"):
+            DatasetCatalog.get(split)
+        print(f"[demo] synthetic dataset ready ({time.time() - t0:.1f} s)", flush=True)
+    total = 1 + len(args.seeds) * (1 + len(args.methods))
+    progress = {"done": 0, "trained_s": []}
+
+    def run(config, out_dir, opts, label, cache=True):
+        """run_train_net + the stage rules + suite progress with ETA."""
+        opts = data_opts + list(opts)
+        if args.stage == "report" or (args.stage == "students" and label.startswith("teacher")):
+            if not finished_with_config(config, out_dir, opts):
+                raise SystemExit(f"[demo] --stage {args.stage}: {label} has no finished run in {out_dir}; "
+                                 "run its stage first.")
+            cache = True
+        t = time.time()
+        r = run_train_net(config, out_dir, opts, label, cache)
+        progress["done"] += 1
+        if time.time() - t > 30:  # trained (not cached)
+            progress["trained_s"].append(time.time() - t)
+        left = total - progress["done"]
+        eta = statistics.mean(progress["trained_s"]) * left if progress["trained_s"] else 0.0
+        print(f"[suite] {progress['done']}/{total} runs done, elapsed {time.time() - t_start:.0f} s, "
+              f"ETA ~{eta / 60:.0f} min", flush=True)
+        return r
 
     def sched(iters):
         if iters is None:
@@ -246,8 +285,10 @@ def main(argv=None):
     t_name = teacher_yaml.replace(".yaml", "").replace("_teacher", "")
     s_name = student_yaml.replace(".yaml", "").replace("_student", "")
     teacher_dir = os.path.join(out, f"teacher_{args.suite}")
-    t_res, t_speed = run_train_net(os.path.join(SYN, teacher_yaml), teacher_dir,
-                                   sched(args.teacher_iters) + ["SEED", 0], f"teacher {t_name}")
+    t_res, t_speed = run(os.path.join(SYN, teacher_yaml), teacher_dir,
+                         sched(args.teacher_iters) + ["SEED", 0], f"teacher {t_name}")
+    if args.stage == "teacher":
+        return
     teacher_w = os.path.join(teacher_dir, "model_final.pth")
     runs = {f"teacher {t_name}": [dict(t_res, s_iter=t_speed)], f"baseline {s_name}": []}
     runs.update({f"{m} {s_name}": [] for m in args.methods})
@@ -255,19 +296,20 @@ def main(argv=None):
     for seed in args.seeds:
         opts = sched(args.student_iters) + ["SEED", seed]
         d = os.path.join(out, f"{args.suite}_baseline_seed{seed}")
-        r, s = run_train_net(os.path.join(SYN, student_yaml), d, opts, f"baseline seed {seed}", args.reuse_runs)
+        r, s = run(os.path.join(SYN, student_yaml), d, opts, f"baseline seed {seed}", args.reuse_runs)
         runs[f"baseline {s_name}"].append(dict(r, s_iter=s))
         last["baseline"] = os.path.join(d, "model_final.pth")
         for m in args.methods:
             d = os.path.join(out, f"{args.suite}_{m}_seed{seed}")
             cfg_file = os.path.join(SYN, presets[m])
-            r, s = run_train_net(cfg_file, d, opts + ["DISTILL.TEACHER.WEIGHTS", teacher_w], f"{m} seed {seed}",
-                                 args.reuse_runs)
+            r, s = run(cfg_file, d, opts + ["DISTILL.TEACHER.WEIGHTS", teacher_w], f"{m} seed {seed}",
+                       args.reuse_runs)
             runs[f"{m} {s_name}"].append(dict(r, s_iter=s))
-            last[m] = export_distilled_student(cfg_file, d, teacher_w)
+            last[m] = export_distilled_student(cfg_file, d, teacher_w, data_opts)
 
     table = fmt_table(list(runs.items()))
-    note = (f"Synthetic val (200 images), COCO bbox AP, mean ± std over seeds {args.seeds} (teacher: seed 0). "
+    where = f"{args.data} ({args.data_name}_val)" if args.data else "Synthetic val (200 images)"
+    note = (f"{where}, COCO bbox AP, mean ± std over seeds {args.seeds} (teacher: seed 0). "
             f"Same student schedule for the baseline and every method. s/iter: median logged train step time "
             f"on this machine ({os.cpu_count()} CPUs). Date {time.strftime('%Y-%m-%d')}. "
             f"Total {time.time() - t_start:.0f} s.\nCommand: python -m distill_d2.demo "
@@ -277,9 +319,10 @@ def main(argv=None):
         f.write(table + "\n\n" + note + "\n")
     with open(os.path.join(out, f"results_{args.suite}.json"), "w") as f:
         json.dump(runs, f, indent=2)
-    plot_results(runs, os.path.join(out, f"results_{args.suite}.png"), f"synthetic val, {args.suite}")
+    plot_results(runs, os.path.join(out, f"results_{args.suite}.png"),
+                 f"{args.data_name + ' val' if args.data else 'synthetic val'}, {args.suite}")
     png = os.path.join(out, f"predictions_{args.suite}.png")
-    draw_predictions(os.path.join(SYN, student_yaml), last, png, score_thresh=VIS_THRESH[args.suite])
+    draw_predictions(os.path.join(SYN, student_yaml), last, png, score_thresh=VIS_THRESH[args.suite], opts=data_opts)
     print(f"[demo] wrote results_{args.suite}.md/.json/.png and predictions_{args.suite}.png in {out}", flush=True)
 
 

@@ -74,3 +74,35 @@ def test_interrupted_run_is_resumed_from_its_checkpoint(tmp_path, datasets_dir):
     res, _ = run_train_net(cfg, str(out), opts, "tiny", cache=False)
     log = (out / "log.txt").read_text()
     assert "Resuming the data stream at sample 4" in log and (out / "model_final.pth").is_file() and "AP" in res
+
+
+def test_benchmark_on_a_voc_folder_by_stage(tmp_path, datasets_dir):
+    import pytest
+
+    from distill_d2.demo import main
+    from test_own_data import _image
+
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    for i in range(8):
+        _image(voc / "JPEGImages" / f"i{i}.jpg", i)
+        (voc / "Annotations" / f"i{i}.xml").write_text(
+            f"<annotation><filename>i{i}.jpg</filename><size><width>128</width><height>96</height><depth>3</depth>"
+            "</size><object><name>cell</name><pose>U</pose><truncated>0</truncated><difficult>0</difficult>"
+            "<bndbox><xmin>11</xmin><ymin>21</ymin><xmax>50</xmax><ymax>70</ymax></bndbox></object></annotation>")
+    out = tmp_path / "bench"
+    opts = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96",
+            "INPUT.MAX_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_ITER", "2",
+            "SOLVER.STEPS", "()"]
+    common = ["--out", str(out), "--data", str(voc), "--data-name", "tinyvoc", "--methods", "Hinton", "--seeds", "0",
+              "--opts"] + opts
+    main(["--stage", "teacher"] + common)
+    assert (out / "teacher_frcnn" / "model_final.pth").is_file() and not (out / "frcnn_baseline_seed0").exists()
+    with pytest.raises(SystemExit, match="--stage report: baseline seed 0 has no finished run"):
+        main(["--stage", "report"] + common)
+    main(common)
+    table = (out / "results_frcnn.md").read_text()
+    assert "| Hinton faster_rcnn_R18 |" in table and "tinyvoc_val" in table
+    assert (out / "predictions_frcnn.png").stat().st_size > 0
