@@ -11,6 +11,29 @@ its terms (``add_config`` in ``distill_d2/methods/``).
 from detectron2.config import CfgNode as CN
 
 
+def flat_items(node, prefix=""):
+    """(dotted key, value) of every leaf of a config node, e.g. ("MODEL.RPN.NMS_THRESH", 0.7)."""
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from flat_items(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def num_classes_key(cfg):
+    """The key holding the detector's class count: RetinaNet's, else the R-CNN box head's."""
+    if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet"):
+        return "MODEL.RETINANET.NUM_CLASSES"
+    return "MODEL.ROI_HEADS.NUM_CLASSES"
+
+
+def num_classes(cfg):
+    """The detector's class count (the value of :func:`num_classes_key`)."""
+    if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet"):
+        return cfg.MODEL.RETINANET.NUM_CLASSES
+    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
 def add_distill_config(cfg):
     """Add the ``DISTILL`` block and ``TEST.EVALUATOR`` to a detectron2 config (in place)."""
     # Which evaluator train_net builds: "auto" (the dataset metadata's

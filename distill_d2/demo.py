@@ -269,7 +269,7 @@ def main(argv=None):
         t = time.time()
         r = run_train_net(config, out_dir, opts, label, cache)
         progress["done"] += 1
-        if time.time() - t > 30:  # trained (not cached)
+        if os.path.getmtime(os.path.join(out_dir, "results.json")) >= t:  # trained now (not cached)
             progress["trained_s"].append(time.time() - t)
         left = total - progress["done"]
         eta = statistics.mean(progress["trained_s"]) * left if progress["trained_s"] else 0.0

@@ -13,7 +13,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import DistillCheckpointer
-from .config import add_distill_config
+from .config import add_distill_config, flat_items, num_classes, num_classes_key
 from .data.checks import ACTIONS as CHECK_ACTIONS, NamedErrors, check_dataset_dicts
 from .data.resumable import ReseededMapDataset, ResumableTrainingSampler, TrainingState
 from .hooks import KDLossGuard, KDWeightScheduler, TeacherEvalHook
@@ -75,8 +75,8 @@ class Trainer(DefaultTrainer):
         # same checkpointer object (the periodic-checkpoint hook holds it), plus torchvision ResNet weights
         self.checkpointer.__class__ = DistillCheckpointer
         model = unwrap(self.model)
-        self._training_state = TrainingState(model, self._data_seed)
-        self.checkpointer.add_checkpointable("training_state", self._training_state)
+        self.checkpointer.add_checkpointable(
+            "training_state", TrainingState(model, getattr(self._trainer.data_loader, "resumable", None)))
         if getattr(model, "is_distiller", False):
             from .teacher import TeacherFingerprint
 
@@ -104,10 +104,8 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"DATALOADER.CHECK.ACTION must be one of {CHECK_ACTIONS}, got {check.ACTION!r}.")
         kwargs = _train_loader_from_config(cfg)
         if check.ENABLED:
-            arch = cfg.MODEL.META_ARCHITECTURE
-            num_classes = cfg.MODEL.RETINANET.NUM_CLASSES if arch.endswith("RetinaNet") else cfg.MODEL.ROI_HEADS.NUM_CLASSES
             dataset = check_dataset_dicts(
-                kwargs["dataset"], num_classes, decode=check.DECODE, action=check.ACTION,
+                kwargs["dataset"], num_classes(cfg), decode=check.DECODE, action=check.ACTION,
                 min_box_size=check.MIN_BOX_SIZE, dataset_name=", ".join(cfg.DATASETS.TRAIN))
             if dataset is not kwargs["dataset"]:  # dropped: images emptied by it go too; sampler re-sized
                 if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
@@ -134,11 +132,6 @@ class Trainer(DefaultTrainer):
         loader.resumable = (sampler, dataset)  # Trainer.resume_or_load moves them to the resumed position
         return loader
 
-    @property
-    def _data_seed(self):
-        res = getattr(self._trainer.data_loader, "resumable", None)
-        return res[0]._seed if res else None
-
     def resume_or_load(self, resume=True):
         """DefaultTrainer.resume_or_load; then the data stream continues where the checkpoint was taken
         (``DATALOADER.EXACT_RESUME``), with the RNG states of that moment (``TrainingState``)."""
@@ -147,9 +140,8 @@ class Trainer(DefaultTrainer):
                            self.cfg.OUTPUT_DIR)
         super().resume_or_load(resume=resume)
         res = getattr(self._trainer.data_loader, "resumable", None)
-        if res is not None:
-            sampler, dataset = res
-            sampler._seed = dataset._seed = self._training_state.data_seed
+        if res is not None:  # (its seed was restored with the checkpoint's TrainingState)
+            sampler = res[0]
             sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
             if self.start_iter:
                 logger.info("Resuming the data stream at sample %d (seed %d).", sampler.start, sampler._seed)
@@ -182,14 +174,6 @@ def setup_cfg(args):
     return load_cfg(args.config_file, args.opts, need_teacher=not getattr(args, "eval_only", False))
 
 
-def _flat_keys(node, prefix=""):
-    for k, v in node.items():
-        if isinstance(v, dict):
-            yield from _flat_keys(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}"
-
-
 @contextlib.contextmanager
 def _explain_unknown_keys(cfg, config_file):
     """yacs reports a typo'd key as ``AssertionError: Non-existent key``: say where and suggest keys."""
@@ -203,7 +187,7 @@ def _explain_unknown_keys(cfg, config_file):
         if not m:
             raise
         key = m.group(1)
-        close = difflib.get_close_matches(key, list(_flat_keys(cfg)), n=3, cutoff=0.8)
+        close = difflib.get_close_matches(key, [k for k, _ in flat_items(cfg)], n=3, cutoff=0.8)
         raise KeyError(f"Unknown config key {key} (in {config_file} or the command line)"
                        + (f"; did you mean {' or '.join(close)}?" if close else ".")) from None
 
@@ -241,28 +225,24 @@ def load_cfg(config_file, opts=(), need_teacher=True):
     return cfg
 
 
-def _warn_if_other_teacher(cfg):
-    """--eval-only: compare the checkpoint's teacher fingerprint with the configured teacher (a warning:
-    inference does not use the teacher, whose files may be gone)."""
+def _warn_if_other_teacher(cfg, saved):
+    """--eval-only: compare the checkpoint's teacher fingerprint ``saved`` (or None) with the configured
+    teacher (a warning: inference does not use the teacher, whose files may be gone)."""
     from .teacher import TeacherError, TeacherFingerprint, get_teacher_cfg
 
-    if not os.path.isfile(cfg.MODEL.WEIGHTS):
+    if saved is None:
         return
     try:
         teacher_cfg = get_teacher_cfg(cfg)
     except (FileNotFoundError, TeacherError):
         return
-    saved = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=False)
-    if isinstance(saved, dict) and "distill_teacher" in saved:
-        TeacherFingerprint(teacher_cfg, allow_change="eval").load_state_dict(saved["distill_teacher"])
+    TeacherFingerprint(teacher_cfg, allow_change="eval").load_state_dict(saved)
 
 
 def check_class_count(cfg):
     """The model must predict as many classes as the training data has (after its dicts are loaded
     and DATALOADER.CHECK reported annotation problems, class ids out of range included)."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    key = "MODEL.RETINANET.NUM_CLASSES" if "RetinaNet" in arch else "MODEL.ROI_HEADS.NUM_CLASSES"
-    k = cfg.MODEL.RETINANET.NUM_CLASSES if "RetinaNet" in arch else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    key, k = num_classes_key(cfg), num_classes(cfg)
     for name in cfg.DATASETS.TRAIN:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != k:
@@ -319,11 +299,12 @@ def main(args):
         if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
             from .export import StudentCheckpointer, student_cfg_from
 
-            _warn_if_other_teacher(cfg)
-
-            cfg = student_cfg_from(cfg, keep_weights=True)
-            model = build_model(cfg)
-            StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            student_cfg = student_cfg_from(cfg, keep_weights=True)
+            model = build_model(student_cfg)
+            checkpointer = StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            _warn_if_other_teacher(cfg, checkpointer.distill_teacher)
+            cfg = student_cfg
         else:
             model = build_model(cfg)
             DistillCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

@@ -26,14 +26,17 @@ def student_state_dict(state_dict):
 
 class StudentCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that loads a distillation checkpoint into the plain student: the
-    ``kd_*`` entries (adapters) and the distillation-only states are dropped."""
+    ``kd_*`` entries (adapters) and the distillation-only states are dropped; the teacher
+    fingerprint of the last file loaded is kept as ``distill_teacher`` (None if absent)."""
+
+    distill_teacher = None
 
     def _load_file(self, f):
         data = super()._load_file(f)
         if isinstance(data.get("model"), dict):
             data["model"] = student_state_dict(data["model"])
-        for k in ("distill_teacher", "training_state"):
-            data.pop(k, None)
+        self.distill_teacher = data.pop("distill_teacher", None)
+        data.pop("training_state", None)
         return data
 
 

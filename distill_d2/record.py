@@ -5,7 +5,7 @@ run once); terms (:mod:`distill_d2.terms`) only read it. Head outputs on the
 shared samples (:class:`RoIRecord`, :class:`DenseRecord`) are filled only when
 an enabled term declares ``needs = {"heads"}``.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 import torch
@@ -67,7 +67,6 @@ class StepRecord:
     strides: Dict[str, int]  #: stride of every student output (distilled levels: equal in the teacher)
     rois: Optional[RoIRecord] = None
     dense: Optional[DenseRecord] = None
-    extras: dict = field(default_factory=dict)  #: scratch space shared between terms of one step
 
     @property
     def gt_boxes(self):

@@ -56,20 +56,16 @@ FOLLOW_STUDENT = ("DATASETS.TRAIN", "DATASETS.TEST",
 
 def get_teacher_cfg(cfg):
     """The teacher's config: its YAML, then DISTILL.TEACHER.OPTS, weights override, student device."""
-    from .config import add_distill_config
+    from .config import add_distill_config, flat_items, num_classes
 
     tcfg = get_cfg()
     add_distill_config(tcfg)
     tcfg.merge_from_file(resolve_config_path(cfg.DISTILL.TEACHER.CONFIG_FILE))
     # what must agree with the student follows it (a teacher trained on the same data needs no
     # YAML edit); DISTILL.TEACHER.OPTS, applied after, still overrides any of these
-    tcfg.MODEL.ROI_HEADS.NUM_CLASSES = tcfg.MODEL.RETINANET.NUM_CLASSES = _num_classes(cfg)  # either family
-    for key in FOLLOW_STUDENT:
-        node_s, node_t = cfg, tcfg
-        *path, leaf = key.split(".")
-        for p in path:
-            node_s, node_t = node_s[p], node_t[p]
-        node_t[leaf] = node_s[leaf]
+    tcfg.MODEL.ROI_HEADS.NUM_CLASSES = tcfg.MODEL.RETINANET.NUM_CLASSES = num_classes(cfg)  # either family
+    student = dict(flat_items(cfg))
+    tcfg.merge_from_list([x for key in FOLLOW_STUDENT for x in (key, student[key])])
     tcfg.merge_from_list(list(cfg.DISTILL.TEACHER.OPTS))
     if cfg.DISTILL.TEACHER.WEIGHTS:
         tcfg.MODEL.WEIGHTS = cfg.DISTILL.TEACHER.WEIGHTS
@@ -172,8 +168,9 @@ def check_compatible(student_backbone, teacher_backbone, levels, student_cfg, te
     Checks: number of classes, ``size_divisibility`` and the stride of every
     distilled feature level (feature maps must align cell by cell).
     """
-    s_k = _num_classes(student_cfg)
-    t_k = _num_classes(teacher_cfg)
+    from .config import num_classes
+
+    s_k, t_k = num_classes(student_cfg), num_classes(teacher_cfg)
     if s_k != t_k:
         raise TeacherError(
             f"Class-count mismatch: the student predicts {s_k} classes but the teacher {t_k}. "
@@ -201,12 +198,6 @@ def check_compatible(student_backbone, teacher_backbone, levels, student_cfg, te
             "Stride mismatch on feature level(s) " + ", ".join(bad)
             + ": maps must align cell by cell. Distil only levels of equal stride (DISTILL.FEAT.LEVELS)."
         )
-
-
-def _num_classes(cfg):
-    if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet"):
-        return cfg.MODEL.RETINANET.NUM_CLASSES
-    return cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
 def file_sha256(path, chunk=1 << 22):
@@ -270,16 +261,11 @@ class TeacherFingerprint:
 
 def teacher_settings(teacher_cfg):
     """{dotted key: value} of what defines the teacher's outputs: MODEL.* (but WEIGHTS, DEVICE) and INPUT.FORMAT."""
+    from .config import flat_items
+
     out = {"INPUT.FORMAT": teacher_cfg.INPUT.FORMAT}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif f"{prefix}{k}" not in ("MODEL.WEIGHTS", "MODEL.DEVICE"):
-                out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-
-    walk(teacher_cfg.MODEL, "MODEL.")
+    out.update((k, list(v) if isinstance(v, tuple) else v) for k, v in flat_items(teacher_cfg.MODEL, "MODEL.")
+               if k not in ("MODEL.WEIGHTS", "MODEL.DEVICE"))
     return out
 
 

@@ -84,10 +84,6 @@ class DistillTerm(nn.Module):
         raise NotImplementedError
 
 
-def term_name(term):
-    return type(term).__name__
-
-
 # ------------------------------------------------------------------ helpers for terms
 def distilled_levels(ctx, levels, key):
     """Validate feature ``levels`` named by config ``key`` against both models; return them finest first.
@@ -181,16 +177,12 @@ def _alternatives(name, family):
     return f"Terms for this family that read the same settings: {sorted(same_reads)}." if same_reads else ""
 
 
-def changed_keys(node, default, prefix=""):
-    """Dotted keys (relative to ``node``) whose value differs from ``default``'s."""
-    out = []
-    for k, v in node.items():
-        d = default.get(k, None) if hasattr(default, "get") else None
-        if isinstance(v, dict):
-            out += changed_keys(v, d if isinstance(d, dict) else {}, f"{prefix}{k}.")
-        elif k not in default or _norm(v) != _norm(d):
-            out.append(f"{prefix}{k}")
-    return out
+def changed_keys(node, default):
+    """Dotted keys (relative to ``node``) whose value differs from ``default``'s (or that it lacks)."""
+    from .config import flat_items
+
+    d = dict(flat_items(default))
+    return [k for k, v in flat_items(node) if k not in d or _norm(v) != _norm(d[k])]
 
 
 def _norm(v):
@@ -214,12 +206,12 @@ def check_unread_keys(cfg, names, classes):
               if not any(fnmatch.fnmatchcase(k, p) for p in patterns)]
     if not unread:
         return
-    lines = []
+    from .config import flat_items
+
+    values, lines = dict(flat_items(cfg.DISTILL)), []
     for k in unread:
         readers = sorted(n for n, c in DISTILL_TERM_REGISTRY if any(fnmatch.fnmatchcase(k, p) for p in c.reads))
-        value = cfg.DISTILL
-        for part in k.split("."):
-            value = value[part]
+        value = values[k]
         lines.append(f"DISTILL.{k} = {value!r} (read by: {', '.join(readers) or 'no registered term'})")
     msg = (
         f"These settings would be silently ignored: no term in DISTILL.TERMS = {names} reads them "

@@ -18,10 +18,9 @@ import os
 import random
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
-from .builtin import voc_class_names
+from .builtin import register_coco, voc_class_names
 
 
 def add_dataset_config(cfg):
@@ -54,11 +53,7 @@ def register_from_cfg(cfg):
         if len(spec) != 3:
             raise ValueError(f"DATASETS.COCO entries are [name, json_file, image_root]; got {list(spec)}.")
         name, json_file, image_root = (str(x) for x in spec)
-        for p in (json_file, image_root):
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"DATASETS.COCO: '{p}' (dataset '{name}') does not exist.")
-        _register(name, ("coco", os.path.abspath(json_file)),
-                  lambda: register_coco_instances(name, {}, json_file, image_root))
+        _register(name, ("coco", os.path.abspath(json_file)), lambda: register_coco(name, json_file, image_root))
         names.append(name)
     for spec in cfg.DATASETS.VOC:
         if len(spec) != 2:

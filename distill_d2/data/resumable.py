@@ -94,38 +94,32 @@ class TrainingState:
     (RetinaNet's ``loss_normalizer`` EMA). Saved by the main process; on resume process 0
     continues exactly, other processes get RNG states derived from it and their rank."""
 
-    def __init__(self, model, data_seed=None):
+    def __init__(self, model, stream=None):
         self._model = model
-        self.data_seed = data_seed  #: the training stream's seed (restored on resume)
-        self.loaded = None  #: the state loaded on resume
+        self._stream = stream  #: (ResumableTrainingSampler, ReseededMapDataset) of the loader, or None
 
     def state_dict(self):
         return {
-            "data_seed": self.data_seed,
+            "data_seed": self._stream[0]._seed if self._stream else None,
             "python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "loss_normalizer": getattr(self._model, "loss_normalizer", None),
         }
 
     def load_state_dict(self, state):
-        self.loaded = state
-        self.restore_rng()
-        if state.get("data_seed") is not None:
-            self.data_seed = state["data_seed"]
-        if state.get("loss_normalizer") is not None:
-            self._model.loss_normalizer = state["loss_normalizer"]
-
-    def restore_rng(self):
-        """Set the RNG states of the loaded checkpoint."""
-        state = self.loaded
-        rank = comm.get_rank()
         random.setstate(state["python"])
         np.random.set_state(_numpy_state(state["numpy"]))
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
+        rank = comm.get_rank()
         if rank > 0:  # only process 0's states were saved: derive the others deterministically
             seed = (int(torch.randint(2**31 - 1, (1,)).item()) + 7919 * rank) % 2**31
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
+        if self._stream and state.get("data_seed") is not None:  # the stream the run started with
+            sampler, dataset = self._stream
+            sampler._seed = dataset._seed = state["data_seed"]
+        if state.get("loss_normalizer") is not None:
+            self._model.loss_normalizer = state["loss_normalizer"]

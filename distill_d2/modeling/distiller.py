@@ -32,7 +32,7 @@ from detectron2.modeling.meta_arch import DenseDetector, GeneralizedRCNN
 from ..hooks import kd_weight
 from ..record import StepRecord
 from ..teacher import TeacherError, build_teacher, check_compatible, get_teacher_cfg
-from ..terms import BuildContext, build_terms, term_name
+from ..terms import BuildContext, build_terms
 
 logger = logging.getLogger(__name__)
 
@@ -284,5 +284,3 @@ class DistillerMixin:
                 f"{sum(p.numel() for p in t.parameters())} trainable parameters"
                 for name, t in self.kd_terms.items()]
 
-
-__all__ = ["DistillerMixin", "term_name"]
