@@ -55,3 +55,15 @@ def build_adapters(kind, levels, student_channels, teacher_channels, key="DISTIL
         return nn.ModuleDict({lv: fn(student_channels[lv], teacher_channels[lv]) for lv in levels})
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from None
+
+
+@ADAPTER_REGISTRY.register()
+def conv1x1_bn(cin, cout):
+    """1x1 conv + BatchNorm (HGD's stage adapter: maps 64..512 student channels to 256..2048)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=1, bias=False), nn.BatchNorm2d(cout))
+
+
+@ADAPTER_REGISTRY.register()
+def conv3x3_bn(cin, cout):
+    """3x3 conv + BatchNorm."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(cout))

@@ -37,8 +37,8 @@ def num_classes(cfg):
 def add_distill_config(cfg):
     """Add the ``DISTILL`` block and ``TEST.EVALUATOR`` to a detectron2 config (in place)."""
     # Which evaluator train_net builds: "auto" (the dataset metadata's
-    # evaluator_type), "coco" (COCO AP incl. APs/m/l, works for any dataset)
-    # or "pascal_voc".
+    # evaluator_type), "coco" (COCO AP incl. APs/m/l, works for any dataset),
+    # "pascal_voc", or "coco+pascal_voc" (both; VOC's under "voc_bbox").
     cfg.TEST.EVALUATOR = "auto"
 
     # Check of the training set before training (distill_d2/data/checks.py):

@@ -19,7 +19,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYN = os.path.join(REPO, "configs", "synthetic")
@@ -90,7 +92,10 @@ def run_train_net(config, out_dir, opts, label, cache=True):
                 raise RuntimeError(f"{label} failed; see {os.path.join(out_dir, 'log.txt')}")
         print(f"[demo] {label}: done in {time.time() - t0:.0f} s", flush=True)
     with open(res_file) as f:
-        results = json.load(f)["bbox"]
+        raw = json.load(f)
+    results = dict(raw["bbox"])
+    if "voc_bbox" in raw:  # TEST.EVALUATOR coco+pascal_voc
+        results["VOC_AP50"] = raw["voc_bbox"]["AP50"]
     return results, seconds_per_iter(out_dir)
 
 
@@ -106,16 +111,22 @@ def seconds_per_iter(out_dir):
 
 
 def fmt_table(rows):
-    head = "| model | seeds | " + " | ".join(METRICS) + " | train s/iter |"
-    sep = "|" + "---|" * (len(METRICS) + 3)
+    """Markdown table: mean ± std over seeds per metric (VOC AP50 when evaluated), AP gain over the
+    ``baseline`` row, median train s/iter."""
+    metrics = METRICS + (["VOC_AP50"] if all("VOC_AP50" in r for _, runs in rows for r in runs) else [])
+    base = [statistics.mean(r["AP"] for r in runs) for name, runs in rows if name.startswith("baseline")]
+    head = "| model | seeds | " + " | ".join(m.replace("_", " ") for m in metrics) + " | AP gain | train s/iter |"
+    sep = "|" + "---|" * (len(metrics) + 4)
     lines = [head, sep]
     for name, runs in rows:
         cells = []
-        for m in METRICS + ["s_iter"]:
+        for m in metrics + ["s_iter"]:
             vals = [r[m] for r in runs]
             mean = statistics.mean(vals)
             sd = f" ± {statistics.stdev(vals):.{3 if m == 's_iter' else 1}f}" if len(vals) > 1 else ""
             cells.append(f"{mean:.{3 if m == 's_iter' else 1}f}{sd}")
+        gain = f"{statistics.mean(r['AP'] for r in runs) - base[0]:+.1f}" if base else ""
+        cells.insert(len(metrics), gain)
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,10 +200,16 @@ SUITES = {
         "DeFeat": "defeat_R34_to_R18.yaml",
         "Hinton": "hinton_R34_to_R18.yaml",
         "FitNet": "fitnet_R34_to_R18.yaml",
+        "HGD": "hgd_R34_to_R18.yaml",
+        "TBD": "tbd_R34_to_R18.yaml",
     }),
     "retinanet": ("retinanet_R34_teacher.yaml", "retinanet_R18_student.yaml", {
         "TAR": "tar_retinanet_R34_to_R18.yaml",
         "DeFeat": "defeat_retinanet_R34_to_R18.yaml",
+        "Hinton": "hinton_retinanet_R34_to_R18.yaml",
+        "FitNet": "fitnet_retinanet_R34_to_R18.yaml",
+        "HGD": "hgd_retinanet_R34_to_R18.yaml",
+        "TBD": "tbd_retinanet_R34_to_R18.yaml",
     }),
 }
 # Score threshold of the predictions PNG: focal-loss (RetinaNet) scores run lower than softmax ones.
@@ -223,10 +240,15 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="a Pascal-VOC folder to run on instead of the synthetic data "
                    "(registered as <data-name>_train/_val: its ImageSets/Main splits, or a seeded 80/20 split)")
     p.add_argument("--data-name", default="data", help="dataset name prefix for --data")
+    p.add_argument("--train-split", default="train", help="--data split to train on (ImageSets/Main/<split>.txt)")
+    p.add_argument("--eval-split", default="val", help="--data split to evaluate on (e.g. test, keeping val for "
+                   "choosing settings)")
     p.add_argument("--stage", choices=["all", "teacher", "students", "report"], default="all",
                    help="teacher: train only the teacher; students: the students (the teacher must be finished); "
                         "report: only tables and pictures from finished runs")
     p.add_argument("--opts", nargs="*", default=[], help="KEY VALUE overrides for every run (e.g. INPUT sizes)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="student runs trained at the same time (a GPU machine fits several small runs)")
     args = p.parse_args(argv)
     teacher_yaml, student_yaml, presets = SUITES[args.suite]
     unknown = [m for m in args.methods if m not in presets]
@@ -246,10 +268,11 @@ def main(argv=None):
 
         k = len(voc_class_names(args.data))
         n = args.data_name
-        data_opts += ["DATASETS.VOC", str([[n, os.path.abspath(args.data)]]), "DATASETS.TRAIN", f"('{n}_train',)",
-                      "DATASETS.TEST", f"('{n}_val',)", "MODEL.ROI_HEADS.NUM_CLASSES", k, "MODEL.RETINANET.NUM_CLASSES", k,
-                      "TEST.EVALUATOR", "coco"]
-        print(f"[demo] data: {args.data} ({k} classes) as {n}_train / {n}_val", flush=True)
+        tr, ev = f"{n}_{args.train_split}", f"{n}_{args.eval_split}"
+        data_opts += ["DATASETS.VOC", str([[n, os.path.abspath(args.data)]]), "DATASETS.TRAIN", f"('{tr}',)",
+                      "DATASETS.TEST", f"('{ev}',)", "MODEL.ROI_HEADS.NUM_CLASSES", k, "MODEL.RETINANET.NUM_CLASSES", k,
+                      "TEST.EVALUATOR", "coco+pascal_voc"]
+        print(f"[demo] data: {args.data} ({k} classes): train {tr}, evaluate {ev}", flush=True)
     else:
         t0 = time.time()
         for split in ("synthetic_train", "synthetic_val"):
@@ -257,9 +280,10 @@ def main(argv=None):
         print(f"[demo] synthetic dataset ready ({time.time() - t0:.1f} s)", flush=True)
     total = 1 + len(args.seeds) * (1 + len(args.methods))
     progress = {"done": 0, "trained_s": []}
+    lock = threading.Lock()
 
     def run(config, out_dir, opts, label, cache=True):
-        """run_train_net + the stage rules + suite progress with ETA."""
+        """run_train_net + the stage rules + suite progress with ETA (thread-safe, for --jobs)."""
         opts = data_opts + list(opts)
         if args.stage == "report" or (args.stage == "students" and label.startswith("teacher")):
             if not finished_with_config(config, out_dir, opts):
@@ -268,11 +292,12 @@ def main(argv=None):
             cache = True
         t = time.time()
         r = run_train_net(config, out_dir, opts, label, cache)
-        progress["done"] += 1
-        if os.path.getmtime(os.path.join(out_dir, "results.json")) >= t:  # trained now (not cached)
-            progress["trained_s"].append(time.time() - t)
-        left = total - progress["done"]
-        eta = statistics.mean(progress["trained_s"]) * left if progress["trained_s"] else 0.0
+        with lock:
+            progress["done"] += 1
+            if os.path.getmtime(os.path.join(out_dir, "results.json")) >= t:  # trained now (not cached)
+                progress["trained_s"].append(time.time() - t)
+            left = total - progress["done"]
+            eta = statistics.mean(progress["trained_s"]) * left / max(1, args.jobs) if progress["trained_s"] else 0.0
         print(f"[suite] {progress['done']}/{total} runs done, elapsed {time.time() - t_start:.0f} s, "
               f"ETA ~{eta / 60:.0f} min", flush=True)
         return r
@@ -292,23 +317,24 @@ def main(argv=None):
     teacher_w = os.path.join(teacher_dir, "model_final.pth")
     runs = {f"teacher {t_name}": [dict(t_res, s_iter=t_speed)], f"baseline {s_name}": []}
     runs.update({f"{m} {s_name}": [] for m in args.methods})
-    last = {}
+    jobs = []  # (row name, method or None, config, run dir, opts, label), seed by seed
     for seed in args.seeds:
         opts = sched(args.student_iters) + ["SEED", seed]
-        d = os.path.join(out, f"{args.suite}_baseline_seed{seed}")
-        r, s = run(os.path.join(SYN, student_yaml), d, opts, f"baseline seed {seed}", args.reuse_runs)
-        runs[f"baseline {s_name}"].append(dict(r, s_iter=s))
-        last["baseline"] = os.path.join(d, "model_final.pth")
+        jobs.append((f"baseline {s_name}", None, os.path.join(SYN, student_yaml),
+                     os.path.join(out, f"{args.suite}_baseline_seed{seed}"), opts, f"baseline seed {seed}"))
         for m in args.methods:
-            d = os.path.join(out, f"{args.suite}_{m}_seed{seed}")
-            cfg_file = os.path.join(SYN, presets[m])
-            r, s = run(cfg_file, d, opts + ["DISTILL.TEACHER.WEIGHTS", teacher_w], f"{m} seed {seed}",
-                       args.reuse_runs)
-            runs[f"{m} {s_name}"].append(dict(r, s_iter=s))
-            last[m] = export_distilled_student(cfg_file, d, teacher_w, data_opts)
+            jobs.append((f"{m} {s_name}", m, os.path.join(SYN, presets[m]), os.path.join(out, f"{args.suite}_{m}_seed{seed}"),
+                         opts + ["DISTILL.TEACHER.WEIGHTS", teacher_w], f"{m} seed {seed}"))
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda j: run(j[2], j[3], j[4], j[5], args.reuse_runs), jobs))
+    last = {}
+    for (row, m, cfg_file, d, _, _), (r, s) in zip(jobs, results):
+        runs[row].append(dict(r, s_iter=s))
+        last[m or "baseline"] = (export_distilled_student(cfg_file, d, teacher_w, data_opts) if m
+                                 else os.path.join(d, "model_final.pth"))
 
     table = fmt_table(list(runs.items()))
-    where = f"{args.data} ({args.data_name}_val)" if args.data else "Synthetic val (200 images)"
+    where = f"{args.data} ({args.data_name}_{args.eval_split})" if args.data else "Synthetic val (200 images)"
     note = (f"{where}, COCO bbox AP, mean ± std over seeds {args.seeds} (teacher: seed 0). "
             f"Same student schedule for the baseline and every method. s/iter: median logged train step time "
             f"on this machine ({os.cpu_count()} CPUs). Date {time.strftime('%Y-%m-%d')}. "
@@ -320,7 +346,7 @@ def main(argv=None):
     with open(os.path.join(out, f"results_{args.suite}.json"), "w") as f:
         json.dump(runs, f, indent=2)
     plot_results(runs, os.path.join(out, f"results_{args.suite}.png"),
-                 f"{args.data_name + ' val' if args.data else 'synthetic val'}, {args.suite}")
+                 f"{args.data_name + ' ' + args.eval_split if args.data else 'synthetic val'}, {args.suite}")
     png = os.path.join(out, f"predictions_{args.suite}.png")
     draw_predictions(os.path.join(SYN, student_yaml), last, png, score_thresh=VIS_THRESH[args.suite], opts=data_opts)
     print(f"[demo] wrote results_{args.suite}.md/.json/.png and predictions_{args.suite}.png in {out}", flush=True)

@@ -9,7 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.modeling import build_model
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import DistillCheckpointer
@@ -34,9 +34,21 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
         return COCOEvaluator(dataset_name, output_dir=output_folder, tasks=("bbox",))
     if kind == "pascal_voc":
         return PascalVOCDetectionEvaluator(dataset_name)
+    if kind == "coco+pascal_voc":
+        return DatasetEvaluators([COCOEvaluator(dataset_name, output_dir=output_folder, tasks=("bbox",)),
+                                  VOCAsSecondEvaluator(dataset_name)])
     raise ValueError(
-        f"No evaluator for '{kind}' (dataset {dataset_name}): set TEST.EVALUATOR to 'coco' or 'pascal_voc'."
+        f"No evaluator for '{kind}' (dataset {dataset_name}): set TEST.EVALUATOR to 'coco', 'pascal_voc' "
+        "or 'coco+pascal_voc' (the last needs a Pascal-VOC dataset)."
     )
+
+
+class VOCAsSecondEvaluator(PascalVOCDetectionEvaluator):
+    """Pascal-VOC AP (AP50 = the VOC metric) reported under ``voc_bbox``, beside COCO's ``bbox``."""
+
+    def evaluate(self):
+        res = super().evaluate()
+        return {"voc_bbox": res["bbox"]} if res else res
 
 
 def unwrap(model):

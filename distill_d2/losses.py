@@ -108,6 +108,23 @@ def teacher_better_cls_gate(student_logits, teacher_logits, gt_classes):
     return p_t > p_s
 
 
+def cls_kd_gate(student_logits, teacher_logits, gt_classes, num_classes, rois="positive", gate="none"):
+    """The RoIs of :func:`cls_kd_loss`: ``(sel, keep)``, (R,) bool each.
+
+    ``sel``: positive RoIs (``gt_classes < num_classes``) or all (``rois``); ``keep``: those of
+    ``sel`` that pass ``gate`` ("teacher_better": :func:`teacher_better_cls_gate`; "none").
+    """
+    if rois not in ("positive", "all"):
+        raise ValueError(f"Unknown DISTILL.CLS.ROIS '{rois}': use 'positive' or 'all'.")
+    sel = gt_classes < num_classes if rois == "positive" else torch.ones_like(gt_classes, dtype=torch.bool)
+    keep = sel
+    if gate == "teacher_better":
+        keep = sel & teacher_better_cls_gate(student_logits, teacher_logits, gt_classes)
+    elif gate != "none":
+        raise ValueError(f"Unknown DISTILL.CLS.GATE '{gate}': use 'none' or 'teacher_better'.")
+    return sel, keep
+
+
 def cls_kd_loss(student_logits, teacher_logits, gt_classes, num_classes, temperature=1.0, rois="positive",
                 gate="none"):
     """TAR classification KD on the shared RoIs.
@@ -118,14 +135,7 @@ def cls_kd_loss(student_logits, teacher_logits, gt_classes, num_classes, tempera
     Returns:
         (loss, fraction of R passing the gate as a 0-dim tensor; 0 when R is empty).
     """
-    if rois not in ("positive", "all"):
-        raise ValueError(f"Unknown DISTILL.CLS.ROIS '{rois}': use 'positive' or 'all'.")
-    sel = gt_classes < num_classes if rois == "positive" else torch.ones_like(gt_classes, dtype=torch.bool)
-    keep = sel
-    if gate == "teacher_better":
-        keep = sel & teacher_better_cls_gate(student_logits, teacher_logits, gt_classes)
-    elif gate != "none":
-        raise ValueError(f"Unknown DISTILL.CLS.GATE '{gate}': use 'none' or 'teacher_better'.")
+    sel, keep = cls_kd_gate(student_logits, teacher_logits, gt_classes, num_classes, rois, gate)
     loss = batch_normalize((kl_rows(student_logits, teacher_logits, temperature) * keep).sum(), sel.sum(), min_den=1)
     return loss, keep.sum() / sel.sum().clamp(min=1)
 
@@ -141,6 +151,29 @@ def class_deltas(deltas, classes):
     k = deltas.shape[1] // 4
     idx = torch.where((classes >= 0) & (classes < k), classes, torch.zeros_like(classes))
     return deltas.view(r, k, 4).gather(1, idx.view(r, 1, 1).expand(r, 1, 4))[:, 0]
+
+
+def box_kd_gate(student_deltas, teacher_deltas, proposals, gt_boxes, gt_classes, num_classes, box2box_transform,
+                gate="teacher_vs_proposal"):
+    """The rows of :func:`box_kd_loss` (same arguments): ``(pos, keep)``, (R,) bool each.
+
+    ``pos``: positive RoIs/anchors (``0 <= gt_classes < num_classes``); ``keep``: those of ``pos``
+    passing ``gate`` (computed without grad, no host sync).
+    """
+    if gate not in ("teacher_vs_proposal", "teacher_vs_student", "none"):
+        raise ValueError(f"Unknown DISTILL.BOX.GATE '{gate}': use teacher_vs_proposal, teacher_vs_student or none.")
+    pos = (gt_classes >= 0) & (gt_classes < num_classes)
+    if gate == "none":
+        return pos, pos
+    with torch.no_grad():
+        d_t = class_deltas(teacher_deltas, gt_classes)
+        iou_t = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_t, proposals)), Boxes(gt_boxes))
+        if gate == "teacher_vs_proposal":
+            ref = matched_pairwise_iou(Boxes(proposals), Boxes(gt_boxes))
+        else:
+            d_s = class_deltas(student_deltas.detach(), gt_classes)
+            ref = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_s, proposals)), Boxes(gt_boxes))
+    return pos, pos & (iou_t > ref)  # NaN IoUs of background rows compare False
 
 
 def box_kd_loss(student_deltas, teacher_deltas, proposals, gt_boxes, gt_classes, num_classes, box2box_transform,
@@ -161,23 +194,12 @@ def box_kd_loss(student_deltas, teacher_deltas, proposals, gt_boxes, gt_classes,
     Returns:
         (loss, fraction of positive RoIs passing the gate as a 0-dim tensor; 0 without positives).
     """
-    if gate not in ("teacher_vs_proposal", "teacher_vs_student", "none"):
-        raise ValueError(f"Unknown DISTILL.BOX.GATE '{gate}': use teacher_vs_proposal, teacher_vs_student or none.")
+    pos, keep = box_kd_gate(student_deltas, teacher_deltas, proposals, gt_boxes, gt_classes, num_classes,
+                            box2box_transform, gate)
     if normalizer not in ("num_rois", "num_pos", "num_gated"):
         raise ValueError(f"Unknown DISTILL.BOX.NORMALIZER '{normalizer}': use num_rois, num_pos or num_gated.")
-    pos = (gt_classes >= 0) & (gt_classes < num_classes)
     d_s = class_deltas(student_deltas, gt_classes)
     d_t = class_deltas(teacher_deltas, gt_classes)
-    keep = pos
-    if gate != "none":
-        with torch.no_grad():
-            iou_t = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_t, proposals)), Boxes(gt_boxes))
-            if gate == "teacher_vs_proposal":
-                ref = matched_pairwise_iou(Boxes(proposals), Boxes(gt_boxes))
-            else:
-                ref = matched_pairwise_iou(Boxes(box2box_transform.apply_deltas(d_s.detach(), proposals)),
-                                           Boxes(gt_boxes))
-            keep = pos & (iou_t > ref)  # NaN IoUs of background rows compare False
     per_roi = smooth_l1_loss(d_s, d_t, beta, reduction="none").sum(dim=1)
     loss = torch.where(keep, per_roi, torch.zeros_like(per_roi)).sum()
     num_pos, num_kept = pos.sum(), keep.sum()
@@ -223,3 +245,62 @@ def decoupled_kl_loss(student_logits, teacher_logits, labels, num_classes, tempe
     rows_bg = rows_fg if bg_t == temperature else kl_rows(student_logits, teacher_logits, bg_t)
     return (batch_normalize((rows_fg * fg).sum(), fg.sum(), min_den=1),
             batch_normalize((rows_bg * (1 - fg)).sum(), (1 - fg).sum(), min_den=1))
+
+
+# ------------------------------------------------------------------ HGD
+def channel_normalized_loss(student, teacher, weights, eps=1e-6):
+    """HGD's hands-on imitation of one stage: ``sum W (S-T)^2 / (C_t * sum W + eps)``.
+
+    Dividing by the teacher's channel count makes stages of 64 and 2048 channels comparable
+    (the loss is a weighted per-element mean). Sums over the local batch; the denominator
+    goes through :func:`batch_normalize`.
+
+    Args:
+        student: (N, C_t, H, W) adapted student map; teacher: (N, C_t, H, W); weights: (N, H, W) >= 0.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"HGD stage: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)} after adapter.")
+    num = ((student - teacher) ** 2 * weights[:, None]).sum()
+    return batch_normalize(num, teacher.shape[1] * weights.sum(), eps=eps)
+
+
+# ------------------------------------------------------------------ TBD
+def harmony_score(score, iou, form="power", alpha=0.5, beta=6.0):
+    """TBD's Harmony Score of predictions from their class score ``s`` and localisation IoU ``u``.
+
+    ``power``: ``s^alpha * u^(1-alpha)``; ``tood``: ``s^alpha * u^beta`` (TOOD's alignment
+    metric, alpha 1, beta 6 there); ``agreement``: ``1 - |s - u|``. Inputs clamped to [0, 1]
+    (an IoU of a degenerate box may be NaN: read as 0). Returns a tensor shaped like ``score``.
+    """
+    s = score.clamp(0, 1)
+    u = torch.nan_to_num(iou, nan=0.0).clamp(0, 1)
+    if form == "power":
+        return s.pow(alpha) * u.pow(1 - alpha)
+    if form == "tood":
+        return s.pow(alpha) * u.pow(beta)
+    if form == "agreement":
+        return 1 - (s - u).abs()
+    raise ValueError(f"Unknown DISTILL.TBD.HS_FORM '{form}': use power, tood or agreement.")
+
+
+def softmax_kl_rows_to(student_logits, target_probs, temperature=1.0):
+    """Per-row ``KL(p || softmax(s/T)) * T^2`` for a given target distribution ``p`` (R, K+1)."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    return (torch.xlogy(target_probs, target_probs) - target_probs * log_p_s).sum(dim=1) * temperature ** 2
+
+
+def with_gt_prob(probs, classes, value, pos):
+    """Softmax targets whose gt-class probability is ``value`` on rows ``pos``, the other classes
+    rescaled to sum to ``1 - value`` (rows not in ``pos`` unchanged). probs (R, K+1), classes/value/pos (R,)."""
+    idx = classes.clamp(0, probs.shape[1] - 1)[:, None]
+    p_gt = probs.gather(1, idx)[:, 0]
+    scale = ((1 - value) / (1 - p_gt).clamp(min=1e-6))[:, None]
+    new = (probs * scale).scatter(1, idx, value[:, None])
+    return torch.where(pos[:, None], new, probs)
+
+
+def sigmoid_kl_to(student_logits, target_probs, temperature=1.0):
+    """Elementwise binary ``KL(p || sigma(s/T)) * T^2`` for target probabilities ``p`` (any shape)."""
+    p = target_probs
+    ent = -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p))
+    return (F.binary_cross_entropy_with_logits(student_logits / temperature, p, reduction="none") - ent) * temperature ** 2

@@ -253,3 +253,35 @@ def defeat_backbone_masks(gt_boxes, level_shapes, base_stride=4):
     boxes, img = _cat_boxes(gt_boxes)
     base = _floor_box_masks(img, boxes, len(gt_boxes), base_stride, h0, w0)[:, None]
     return {lv: F.interpolate(base, size=(h, w), mode="nearest")[:, 0] for lv, (s, h, w) in level_shapes.items()}
+
+
+def box_membership(boxes, stride, height, width):
+    """(K, H, W) bool: the cells of each box by the ``box`` mask rule (cells whose centre is inside
+    the box; a box containing no centre: the cell holding its centre)."""
+    b = boxes / stride
+    inside = _centre_inside_rects(b, height, width)
+    centre = _centre_cells(b, height, width)
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+
+    def cover(r):
+        ry = (rows[None] >= r[:, 1:2]) & (rows[None] < r[:, 3:4])
+        cx = (cols[None] >= r[:, 0:1]) & (cols[None] < r[:, 2:3])
+        return ry[:, :, None] & cx[:, None, :]
+
+    return cover(inside) | cover(centre)
+
+
+def area_balanced_box_mask(boxes, stride, height, width):
+    """(H, W) foreground weights in which every box has the same total weight.
+
+    A cell's weight is ``max_k 1/A_k`` over the boxes k covering it (A_k: cells of box k, ``box``
+    rule), rescaled so the weights sum to the number of foreground cells: the foreground's total
+    weight equals the binary mask's, but small boxes get as much of it as large ones.
+    """
+    if boxes.numel() == 0:
+        return boxes.new_zeros((height, width))
+    member = box_membership(boxes, stride, height, width)
+    inv_area = 1.0 / member.sum(dim=(1, 2)).clamp(min=1).to(boxes.dtype)
+    w = (member * inv_area[:, None, None]).amax(dim=0)
+    return w * ((w > 0).sum() / w.sum().clamp(min=1e-12))

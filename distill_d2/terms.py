@@ -83,6 +83,22 @@ class DistillTerm(nn.Module):
     def forward(self, record):
         raise NotImplementedError
 
+    def explain(self, record):
+        """What this term weighs on ``record``, for ``python -m distill_d2.pictures`` (called under no_grad).
+
+        Returns a dict with any of:
+
+        * ``"maps"``: {picture name: {level: (N, H_l, W_l) tensor}}, spatial weights or scores on
+          each level's grid (e.g. the feature mask);
+        * ``"boxes"``: {picture name: list over images of (M_i, 4) XYXY boxes in input pixels}
+          (e.g. the RoIs or anchors that passed a gate);
+        * ``"box_values"``: {picture name: list over images of (M_i,) tensors}, a value per box
+          drawn as its label (e.g. a Harmony Score).
+
+        The default explains nothing.
+        """
+        return {}
+
 
 # ------------------------------------------------------------------ helpers for terms
 def distilled_levels(ctx, levels, key):
@@ -159,7 +175,7 @@ def build_terms(cfg, ctx):
                 f"(it supports {[FAMILY_NAMES[f] for f in cls.families]}). "
                 + _alternatives(n, ctx.family)
             )
-        if "heads" in cls.needs and ctx.teacher_family != ctx.family:
+        if cls.needs & {"heads", "same_family"} and ctx.teacher_family != ctx.family:
             raise DistillConfigError(
                 f"DISTILL.TERMS: {n} compares the two detectors' head outputs, but the teacher "
                 f"({ctx.teacher_cfg.MODEL.META_ARCHITECTURE}) is not of the student's family "

@@ -17,17 +17,23 @@ Presets: ``configs/synthetic/defeat_*.yaml``, ``configs/COCO-Detection/defeat_*.
 from detectron2.config import CfgNode as CN
 
 from ..losses import decoupled_feature_loss, decoupled_kl_loss
-from ..masks import build_masks, defeat_backbone_masks
+from ..masks import defeat_backbone_masks
 from ..modeling.rcnn import score_teacher_rois
 from ..terms import DISTILL_TERM_REGISTRY, DistillTerm, distilled_levels, level_adapters
-from .generic import check_mask
+from .generic import MaskedFeatureTerm, check_mask
+
+
+def _decoupled(term, rec):
+    """(fg, bg) of :func:`decoupled_feature_loss` on ``term``'s levels with ``term.masks(rec)``."""
+    return decoupled_feature_loss(term.adapted(rec), {lv: rec.t_features[lv] for lv in term.levels}, term.masks(rec))
 
 
 @DISTILL_TERM_REGISTRY.register()
-class DecoupledFeatureKD(DistillTerm):
+class DecoupledFeatureKD(MaskedFeatureTerm):
     reads = ("FEAT.LEVELS", "FEAT.MASK", "FEAT.GAUSSIAN_*", "FEAT.DEFEAT_*", "FEAT.ADAPTER", "FEAT.WEIGHT",
              "FEAT.FG_WEIGHT", "FEAT.BG_WEIGHT")
     legacy_prefix = "kd_adapters"
+    mask_picture = "defeat_fg_mask"  # (the background mask is 1 - M)
 
     @classmethod
     def add_config(cls, d):
@@ -45,16 +51,15 @@ class DecoupledFeatureKD(DistillTerm):
 
     def forward(self, rec):
         f = self.cfg
-        masks = build_masks(f.MASK, rec.gt_boxes, rec.level_shapes(self.levels), f)
-        adapted = {lv: self.adapters[lv](rec.features[lv]) for lv in self.levels}
-        fg, bg = decoupled_feature_loss(adapted, {lv: rec.t_features[lv] for lv in self.levels}, masks)
+        fg, bg = _decoupled(self, rec)
         return {"loss_kd_feat_fg": f.WEIGHT * f.FG_WEIGHT * fg, "loss_kd_feat_bg": f.WEIGHT * f.BG_WEIGHT * bg}, {}
 
 
 @DISTILL_TERM_REGISTRY.register()
-class DecoupledBackboneKD(DistillTerm):
+class DecoupledBackboneKD(MaskedFeatureTerm):
     reads = ("BACKBONE.*",)
     legacy_prefix = "kd_bb_adapters"
+    mask_picture = "backbone_fg_mask"
 
     @classmethod
     def add_config(cls, d):
@@ -72,10 +77,11 @@ class DecoupledBackboneKD(DistillTerm):
         self.adapters = level_adapters(ctx, b.ADAPTER, self.levels, "DISTILL.BACKBONE.ADAPTER")
         self.b = b
 
+    def masks(self, rec):
+        return defeat_backbone_masks(rec.gt_boxes, rec.level_shapes(self.levels))
+
     def forward(self, rec):
-        masks = defeat_backbone_masks(rec.gt_boxes, rec.level_shapes(self.levels))
-        adapted = {lv: self.adapters[lv](rec.features[lv]) for lv in self.levels}
-        fg, bg = decoupled_feature_loss(adapted, {lv: rec.t_features[lv] for lv in self.levels}, masks)
+        fg, bg = _decoupled(self, rec)
         return {"loss_kd_backbone_fg": self.b.FG_WEIGHT * fg, "loss_kd_backbone_bg": self.b.BG_WEIGHT * bg}, {}
 
 

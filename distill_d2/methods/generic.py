@@ -8,7 +8,7 @@
 * ``DenseClsKD``: sigmoid (binary KL) KD on the shared anchors of RetinaNet
   -> ``loss_kd_cls``.
 """
-from ..losses import cls_kd_loss, masked_feature_loss, sigmoid_kd_loss
+from ..losses import cls_kd_gate, cls_kd_loss, kl_rows, masked_feature_loss, sigmoid_kd_loss
 from ..masks import MASK_REGISTRY, build_masks
 from ..terms import DISTILL_TERM_REGISTRY, DistillTerm, check_choice, distilled_levels, level_adapters
 
@@ -17,8 +17,31 @@ def check_mask(key, name):
     check_choice(key, name, sorted(k for k, _ in MASK_REGISTRY))
 
 
+def per_image(rows, keep, counts):
+    """List over images of the rows of ``rows`` (R, ...) where ``keep`` (R,); ``counts``: rows per image."""
+    return [x[k] for x, k in zip(rows.split(counts), keep.split(counts))]
+
+
+class MaskedFeatureTerm(DistillTerm):
+    """Base of the feature terms: ``levels``, ``adapters``, the ``FEAT`` node ``cfg`` (set by the subclass) and
+    a spatial mask per level (``masks``), which ``explain`` shows as the picture ``mask_picture``."""
+
+    mask_picture = "feat_mask"
+
+    def masks(self, rec):
+        """{level: (N, H_l, W_l)}: ``cfg.MASK`` (MASK_REGISTRY) from the gt boxes."""
+        return build_masks(self.cfg.MASK, rec.gt_boxes, rec.level_shapes(self.levels), self.cfg)
+
+    def adapted(self, rec):
+        """{level: adapter_l(S_l)}, the student's maps in the teacher's channels."""
+        return {lv: self.adapters[lv](rec.features[lv]) for lv in self.levels}
+
+    def explain(self, rec):
+        return {"maps": {self.mask_picture: self.masks(rec)}}
+
+
 @DISTILL_TERM_REGISTRY.register()
-class FeatureKD(DistillTerm):
+class FeatureKD(MaskedFeatureTerm):
     """``loss_kd_feat = FEAT.WEIGHT * imitation(adapter_l(S_l), T_l, M_l)`` over ``FEAT.LEVELS``.
 
     M_l is ``FEAT.MASK`` (MASK_REGISTRY) from the gt boxes on level l; the
@@ -42,10 +65,9 @@ class FeatureKD(DistillTerm):
         self.cfg, self.weight, self.norm = f, f.WEIGHT, f.NORM
 
     def forward(self, rec):
-        masks = build_masks(self.cfg.MASK, rec.gt_boxes, rec.level_shapes(self.levels), self.cfg)
-        adapted = {lv: self.adapters[lv](rec.features[lv]) for lv in self.levels}
         target = {lv: rec.t_features[lv] for lv in self.levels}
-        return {"loss_kd_feat": self.weight * masked_feature_loss(adapted, target, masks, self.norm)}, {}
+        return {"loss_kd_feat": self.weight * masked_feature_loss(self.adapted(rec), target, self.masks(rec),
+                                                                  self.norm)}, {}
 
 
 @DISTILL_TERM_REGISTRY.register()
@@ -72,6 +94,18 @@ class RoIClsKD(DistillTerm):
         r, c = rec.rois, self.c
         loss, frac = cls_kd_loss(r.logits, r.t_logits, r.gt_classes, r.num_classes, c.TEMPERATURE, c.ROIS, c.GATE)
         return {"loss_kd_cls": c.WEIGHT * loss}, {"kd/cls_gate_frac": frac}
+
+    def explain(self, rec):
+        r = rec.rois
+        return self._explain_rois("cls_kd_rois", r.logits, r.t_logits, r.gt_classes, r.num_classes,
+                                  r.proposal_boxes, [len(x) for x in r.instances])
+
+    def _explain_rois(self, name, logits, t_logits, gt_classes, num_classes, boxes, counts):
+        """The RoIs distilled on (CLS.ROIS, passing CLS.GATE) per image, labelled with their KL."""
+        c = self.c
+        _, keep = cls_kd_gate(logits, t_logits, gt_classes, num_classes, c.ROIS, c.GATE)
+        kl = kl_rows(logits, t_logits, c.TEMPERATURE)
+        return {"boxes": {name: per_image(boxes, keep, counts)}, "box_values": {name: per_image(kl, keep, counts)}}
 
 
 @DISTILL_TERM_REGISTRY.register()

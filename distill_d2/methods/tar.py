@@ -12,13 +12,14 @@ presets are ``configs/synthetic/tar_*.yaml``.
   RPN proposals, sampled by the student's sampler, scored by both heads, KL as
   ``RoIClsKD`` (same CLS.* keys).
 """
+import torch
 from detectron2.config import CfgNode as CN
 
-from ..losses import box_kd_loss, cls_kd_loss
+from ..losses import box_kd_gate, box_kd_loss, cls_kd_loss
 from ..modeling.rcnn import score_teacher_rois
 from ..teacher import TeacherError
 from ..terms import DISTILL_TERM_REGISTRY, DistillTerm, check_choice
-from .generic import RoIClsKD, check_same_anchors
+from .generic import RoIClsKD, check_same_anchors, per_image
 
 BOX_READS = ("BOX.WEIGHT", "BOX.GATE", "BOX.BETA", "BOX.NORMALIZER")
 
@@ -63,11 +64,21 @@ class _BoxKD(DistillTerm):
                 f"with {t_t.weights}: set the same {key} or remove the box term from DISTILL.TERMS."
             )
 
-    def _loss(self, d_s, d_t, anchors, gt_boxes, gt_classes, num_classes, transform):
+    def _inputs(self, rec):
+        """``box_kd_loss``'s first arguments (deltas, proposals/anchors, gt, classes, coder; rows of all
+        images), and the number of rows per image."""
+        raise NotImplementedError
+
+    def forward(self, rec):
         b = self.b
-        loss, frac = box_kd_loss(d_s, d_t, anchors, gt_boxes, gt_classes, num_classes, transform, b.GATE, b.BETA,
-                                 self.normalizer)
+        args, _ = self._inputs(rec)
+        loss, frac = box_kd_loss(*args, b.GATE, b.BETA, self.normalizer)
         return {"loss_kd_box": b.WEIGHT * loss}, {"kd/box_gate_frac": frac}
+
+    def explain(self, rec):
+        args, counts = self._inputs(rec)
+        _, keep = box_kd_gate(*args, self.b.GATE)
+        return {"boxes": {"box_gate_passed": per_image(args[2], keep, counts)}}
 
 
 @DISTILL_TERM_REGISTRY.register()
@@ -81,10 +92,10 @@ class RoIBoxKD(_BoxKD):
         self._check_coders(student.roi_heads.box_predictor.box2box_transform,
                            teacher.roi_heads.box_predictor.box2box_transform, "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS")
 
-    def forward(self, rec):
+    def _inputs(self, rec):
         r = rec.rois
-        return self._loss(r.deltas, r.t_deltas, r.proposal_boxes, r.gt_boxes, r.gt_classes, r.num_classes,
-                          r.box2box_transform)
+        return ((r.deltas, r.t_deltas, r.proposal_boxes, r.gt_boxes, r.gt_classes, r.num_classes, r.box2box_transform),
+                [len(x) for x in r.instances])
 
 
 @DISTILL_TERM_REGISTRY.register()
@@ -98,12 +109,12 @@ class DenseBoxKD(_BoxKD):
         check_same_anchors(student, teacher)
         self._check_coders(student.box2box_transform, teacher.box2box_transform, "MODEL.RETINANET.BBOX_REG_WEIGHTS")
 
-    def forward(self, rec):
+    def _inputs(self, rec):
         d = rec.dense
-        n = d.labels.shape[0]
+        n, r = d.labels.shape
         anchors = d.anchors[None].expand(n, -1, -1).reshape(-1, 4)
-        return self._loss(d.deltas.reshape(-1, 4), d.t_deltas.reshape(-1, 4), anchors, d.gt_boxes.reshape(-1, 4),
-                          d.labels.reshape(-1), d.num_classes, d.box2box_transform)
+        return ((d.deltas.reshape(-1, 4), d.t_deltas.reshape(-1, 4), anchors, d.gt_boxes.reshape(-1, 4),
+                 d.labels.reshape(-1), d.num_classes, d.box2box_transform), [r] * n)
 
 
 @DISTILL_TERM_REGISTRY.register()
@@ -119,3 +130,9 @@ class ReverseRoIClsKD(RoIClsKD):
         loss, _ = cls_kd_loss(s_scores, t_scores, labels, rec.student.roi_heads.num_classes, c.TEMPERATURE, c.ROIS,
                               c.GATE)
         return {"loss_kd_cls_reverse": c.WEIGHT * loss}, {}
+
+    def explain(self, rec):
+        # a fresh sample of the teacher's proposals (the sampler is random), as forward draws one
+        s_scores, t_scores, labels, rois = score_teacher_rois(rec, rec.student.roi_heads)
+        return self._explain_rois("reverse_cls_kd_rois", s_scores, t_scores, labels, rec.student.roi_heads.num_classes,
+                                  torch.cat([r.proposal_boxes.tensor for r in rois]), [len(r) for r in rois])

@@ -192,9 +192,26 @@ class DistillerMixin:
     def forward(self, batched_inputs):
         if not self.training:
             return super().forward(batched_inputs)
-        teacher = self.setup_teacher()
         # under SOLVER.AMP both models (teacher included) run in the trainer's autocast
         amp = torch.is_autocast_enabled(self.device.type)
+        losses, rec = self._training_step(batched_inputs)
+        with torch.autocast(self.device.type, enabled=False):  # KD losses in float32 (SOLVER.AMP)
+            kd, scalars = self._run_terms(rec.float32() if amp else rec, losses)
+        losses.update(self.weigh_kd(kd, scalars))
+        return losses
+
+    def record_step(self, batched_inputs):
+        """The :class:`StepRecord` of a training step on ``batched_inputs`` (the same code path as
+        ``forward``, without the KD terms), e.g. for ``term.explain``. The model must be in training
+        mode (detectron2's training forward runs, with its RoI/anchor sampling) inside an EventStorage;
+        call it under ``torch.no_grad()`` with BN layers in eval mode to change nothing."""
+        if not self.training:
+            raise RuntimeError("record_step runs the training forward: call model.train() first.")
+        return self._training_step(batched_inputs)[1]
+
+    def _training_step(self, batched_inputs):
+        """(detectron2's detection losses, the step record) of one training forward of both models."""
+        teacher = self.setup_teacher()
         raw = {}
         hooks = [(self.backbone, lambda out: raw.__setitem__("features", out))]
         if bottom_up(self.backbone) is not self.backbone:
@@ -212,10 +229,7 @@ class DistillerMixin:
             self._record_heads(rec, raw)
         if not self._teacher_checked:
             self._check_teacher_outputs(rec)
-        with torch.autocast(self.device.type, enabled=False):  # KD losses in float32 (SOLVER.AMP)
-            kd, scalars = self._run_terms(rec.float32() if amp else rec, losses)
-        losses.update(self.weigh_kd(kd, scalars))
-        return losses
+        return losses, rec
 
     def _run_terms(self, rec, losses):
         """{loss_kd_*}, {scalars} of every term on ``rec``."""

@@ -43,3 +43,10 @@ class DistillRetinaNet(DistillerMixin, RetinaNet):
             logits=cat(logits, dim=1), deltas=cat(deltas, dim=1), t_logits=t_logits, t_deltas=t_deltas,
             num_classes=self.num_classes, box2box_transform=self.box2box_transform,
         )
+
+
+def dense_level_sizes(rec):
+    """{level: (H, W, A)} of the student's head levels, in the order of the anchors of ``rec.dense``."""
+    model = rec.student
+    return {f: (*rec.features[f].shape[-2:], a)
+            for f, a in zip(model.head_in_features, model.anchor_generator.num_anchors)}
