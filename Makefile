@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.distill_d2-setup
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test bench bench-bccd clean-venv
 
 # Idempotent: re-runs only when the venv is missing or the install inputs changed.
 setup: $(STAMP)
@@ -19,11 +19,23 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# Multi-seed benchmark behind docs/RESULTS.md (long: about 3.5 hours on 2 CPU cores;
-# finished runs whose merged config is unchanged are reused, so it can be resumed).
+# Multi-seed synthetic benchmark behind docs/RESULTS.md (long: about 6 hours on 2 CPU cores,
+# about 15 minutes on one GPU machine with JOBS=6; finished runs whose merged config is
+# unchanged are reused and interrupted runs resume, so it can be run in pieces).
+JOBS ?= 1
+METHODS ?= TAR DeFeat Hinton FitNet HGD TBD
 bench: setup
-	$(PY) -m distill_d2.demo --out output/bench --methods TAR DeFeat Hinton FitNet --seeds 0 1 --reuse-runs
-	$(PY) -m distill_d2.demo --out output/bench --suite retinanet --methods TAR DeFeat --seeds 0 1 --reuse-runs
+	$(PY) -m distill_d2.demo --out output/bench --methods $(METHODS) --seeds 0 1 --reuse-runs --jobs $(JOBS)
+	$(PY) -m distill_d2.demo --out output/bench --suite retinanet --methods $(METHODS) --seeds 0 1 --reuse-runs --jobs $(JOBS)
+
+# The real-data benchmark (BCCD, docs/RESULTS.md): Pascal-VOC folder given by DATA.
+DATA ?= ../shared/data/BCCD
+BCCD_OPTS = INPUT.MIN_SIZE_TRAIN "(320,)" INPUT.MAX_SIZE_TRAIN 544 INPUT.MIN_SIZE_TEST 320 INPUT.MAX_SIZE_TEST 544 \
+	SOLVER.IMS_PER_BATCH 8 SOLVER.BASE_LR 0.02 SOLVER.CHECKPOINT_PERIOD 300
+bench-bccd: setup
+	for s in frcnn retinanet; do $(PY) -m distill_d2.demo --data $(DATA) --data-name bccd --train-split trainval \
+	  --eval-split test --suite $$s --methods $(METHODS) --seeds 0 1 --jobs $(JOBS) --teacher-iters 1500 \
+	  --student-iters 600 --reuse-runs --out output/bccd --opts $(BCCD_OPTS) || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

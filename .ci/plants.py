@@ -17,6 +17,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T_METHODS, T_LOSSES, T_MASKS, T_DEFEAT = "tests/test_methods.py", "tests/test_losses.py", "tests/test_masks.py", "tests/test_defeat.py"
 T_TERMS, T_REG, T_HOOKS = "tests/test_terms.py", "tests/test_regression.py", "tests/test_hooks.py"
+T_HGD, T_TBD = "tests/test_hgd.py", "tests/test_tbd.py"
 
 # name, file, old snippet, new snippet, tests to run
 PLANTS = [
@@ -24,7 +25,7 @@ PLANTS = [
      "return batch_normalize(num, 2 * den, eps=eps)", "return batch_normalize(num, den, eps=eps)",
      [T_METHODS, T_LOSSES]),
     ("mean norm: divide by one image's elements", "distill_d2/losses.py",
-     "means.append(se / s.numel())", "means.append(se / s[0].numel())", [T_METHODS, T_LOSSES]),
+     "means.append(batch_normalize(se, s.numel()))", "means.append(batch_normalize(se, s[0].numel()))", [T_METHODS, T_LOSSES]),
     ("KL: T^2 dropped", "distill_d2/losses.py",
      "(log_p_t - log_p_s)).sum(dim=1) * t * t", "(log_p_t - log_p_s)).sum(dim=1)", [T_METHODS, T_LOSSES]),
     ("KL: direction flipped (KL(p_s||p_t))", "distill_d2/losses.py",
@@ -104,6 +105,56 @@ PLANTS = [
      'return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]', "return batched_inputs", [T_TERMS]),
     ("decay: linear from 1 to END_VALUE at half the schedule", "distill_d2/hooks.py",
      "lam = 1.0 - (1.0 - end) * frac", "lam = 1.0 - (1.0 - end) * min(1.0, 2 * frac)", [T_HOOKS]),
+    # HGD (distill_d2/methods/hgd.py)
+    ("hgd: no channel normalisation", "distill_d2/losses.py",
+     "return batch_normalize(num, teacher.shape[1] * weights.sum(), eps=eps)",
+     "return batch_normalize(num, weights.sum(), eps=eps)", [T_HGD]),
+    ("hgd: background weight on the boxes", "distill_d2/methods/hgd.py",
+     "h.FG_WEIGHT * fg + h.BG_WEIGHT * (1 - m)", "h.FG_WEIGHT * fg + h.BG_WEIGHT * m", [T_HGD]),
+    ("hgd: area balance not rescaled", "distill_d2/masks.py",
+     "return w * ((w > 0).sum() / w.sum().clamp(min=1e-12))", "return w", [T_HGD]),
+    ("hgd: running mean without bias correction", "distill_d2/methods/hgd.py",
+     "m = self.running / (1 - self.h.MOMENTUM ** self.steps.clamp(min=1).to(self.running.dtype))",
+     "m = self.running", [T_HGD]),
+    ("hgd: macro scale inverted", "distill_d2/methods/hgd.py", "return m.mean() / m", "return m / m.mean()", [T_HGD]),
+    ("hgd: stages summed, not averaged", "distill_d2/methods/hgd.py",
+     "(scales * losses).mean()", "(scales * losses).sum()", [T_HGD]),
+    ("hgd: fixed stage weights ignored", "distill_d2/methods/hgd.py",
+     "            return self.stage_weights\n", "            return torch.ones_like(self.stage_weights)\n", [T_HGD]),
+    # TBD (distill_d2/methods/tbd.py)
+    ("tbd: HS power exponent of u", "distill_d2/losses.py",
+     "return s.pow(alpha) * u.pow(1 - alpha)", "return s.pow(alpha) * u.pow(alpha)", [T_TBD]),
+    ("tbd: HS agreement squared", "distill_d2/losses.py",
+     "return 1 - (s - u).abs()", "return 1 - (s - u) ** 2", [T_TBD]),
+    ("tbd: HD normalised by positive count", "distill_d2/methods/tbd.py",
+     "batch_normalize((w * kl).sum(), hs.sum(), min_den=1)", "batch_normalize((w * kl).sum(), pos.sum(), min_den=1)",
+     [T_TBD]),
+    ("tbd: HD weighs ignored anchors", "distill_d2/methods/tbd.py",
+     "torch.where(d.labels >= 0, torch.full_like(hs, t.HD_BG_WEIGHT)",
+     "torch.where(d.labels >= -1, torch.full_like(hs, t.HD_BG_WEIGHT)", [T_TBD]),
+    ("tbd: HS from the student's scores", "distill_d2/methods/tbd.py",
+     "s = torch.softmax(r.t_logits, dim=1).gather(1, r.gt_classes[:, None])[:, 0]",
+     "s = torch.softmax(r.logits, dim=1).gather(1, r.gt_classes[:, None])[:, 0]", [T_TBD]),
+    ("tbd: HS target not renormalised", "distill_d2/losses.py",
+     "scale = ((1 - value) / (1 - p_gt).clamp(min=1e-6))[:, None]", "scale = (1 - value)[:, None]", [T_TBD]),
+    ("tbd: sigmoid KL without the teacher entropy", "distill_d2/losses.py",
+     'p, reduction="none") - ent) * temperature ** 2', 'p, reduction="none")) * temperature ** 2', [T_TBD]),
+    ("tbd: TFD confidence threshold dropped", "distill_d2/methods/tbd.py",
+     "conf = torch.where(conf >= self.t.CONF_THRESH, conf, torch.zeros_like(conf))", "conf = conf", [T_TBD]),
+    ("tbd: TFD regression mask on unmatched anchors", "distill_d2/methods/tbd.py",
+     "iou = torch.where(pos, torch.nan_to_num(u, nan=0.0), torch.zeros_like(u))",
+     "iou = torch.nan_to_num(u, nan=0.0)", [T_TBD]),
+    ("tbd: per-location mean over anchors", "distill_d2/methods/tbd.py",
+     ".reshape(values.shape[0], h, w, a).amax(dim=3)", ".reshape(values.shape[0], h, w, a).mean(dim=3)", [T_TBD]),
+    ("tbd: RPN deltas with H and W swapped", "distill_d2/methods/tbd.py",
+     "x.view(n, -1, 4, *x.shape[-2:]).permute(0, 3, 4, 1, 2)", "x.view(n, -1, 4, *x.shape[-2:]).permute(0, 4, 3, 1, 2)",
+     [T_TBD]),
+    ("tbd: RPN ignored anchors count as matched", "distill_d2/methods/tbd.py",
+     "iou[i] = torch.where(labels == 1,", "iou[i] = torch.where(labels >= 0,", [T_TBD]),
+    ("tbd: TFD mean normalisation", "distill_d2/methods/tbd.py",
+     'masked_feature_loss(adapted, target, masks, "fgfi")', 'masked_feature_loss(adapted, target, masks, "mean")',
+     [T_TBD]),
+
 ]
 
 

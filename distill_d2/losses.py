@@ -58,7 +58,7 @@ def masked_feature_loss(student, teacher, masks, norm="fgfi", eps=1e-6):
             num = num + se
             den = den + m.sum()
         elif norm == "mean":
-            means.append(se / s.numel())
+            means.append(batch_normalize(se, s.numel()))
         else:
             raise ValueError(f"Unknown DISTILL.FEAT.NORM '{norm}': use 'fgfi' or 'mean'.")
     if norm == "fgfi":

@@ -17,6 +17,7 @@ from test_methods import K, cfg_with, ctx, dense_record, naive_decode, naive_iou
 @pytest.mark.parametrize("form,alpha,beta,s,u,want", [
     ("power", 0.5, 6.0, 0.64, 0.25, 0.4),  # sqrt(0.64 * 0.25)
     ("power", 0.25, 6.0, 0.0625, 1.0, 0.5),  # 0.0625^0.25 * 1^0.75
+    ("power", 0.25, 6.0, 0.0625, 0.5, 0.5 * 0.5 ** 0.75),
     ("tood", 1.0, 6.0, 0.5, 0.9, 0.5 * 0.9 ** 6),
     ("agreement", 0.5, 6.0, 0.64, 0.25, 0.61),
     ("agreement", 0.5, 6.0, 0.3, 0.3, 1.0),
@@ -195,9 +196,19 @@ def test_tfd_rcnn_uses_the_teacher_rpn(make_ckpt):
     model.setup_teacher()
     batch = fixed_batch(cfg)
     rpn = model.teacher.proposal_generator
-    with torch.no_grad():  # a random teacher's boxes miss every gt: make it decode to its anchors
-        rpn.rpn_head.anchor_deltas.weight.zero_()
-        rpn.rpn_head.anchor_deltas.bias.zero_()
+    def small_deltas(module, inputs, out):
+        """A random teacher's boxes miss every gt: small deltas that vary by anchor, coordinate, row
+        and column (not symmetric in rows and columns), so decoded boxes stay near their anchors."""
+        logits, deltas = out
+        new = []
+        for d in deltas:
+            n, c, h, w = d.shape
+            ch = torch.linspace(0.2, 1.0, c).view(1, c, 1, 1)
+            yx = (torch.arange(h).view(1, 1, h, 1) - 2.0 * torch.arange(w).view(1, 1, 1, w)) / max(h, w)
+            new.append((0.1 * ch * yx).expand(n, c, h, w).contiguous())
+        return logits, new
+
+    rpn.rpn_head.register_forward_hook(small_deltas)
     with EventStorage(), torch.no_grad():
         model.train()
         rec = model.record_step(batch)
@@ -216,18 +227,23 @@ def test_tfd_rcnn_uses_the_teacher_rpn(make_ckpt):
     want = torch.sigmoid(obj).amax(dim=1)
     want = torch.where(want >= cfg.DISTILL.TBD.CONF_THRESH, want, torch.zeros_like(want))
     assert torch.allclose(m_cls[lv], want, atol=1e-6)
-    # M_reg by a naive loop on the coarsest level: IoU of the decoded box with the matched gt
-    i = has_gt.index(True)
-    anchors = rpn.anchor_generator([rec.t_features[f] for f in rpn.in_features])
-    li = rpn.in_features.index(lv)
+    # M_reg by a naive loop on every level: IoU of the decoded box with the matched gt
     from detectron2.structures import pairwise_iou
 
+    i = has_gt.index(True)
+    anchors = rpn.anchor_generator([rec.t_features[f] for f in rpn.in_features])
     all_anchors = Boxes.cat(anchors)
     matched, labels = rpn.anchor_matcher(pairwise_iou(Boxes(rec.gt_boxes[i]), all_anchors))
+    assert sum(check_reg_cells(rpn, rec, anchors, matched, labels, i, lv, m_reg) for lv in term.levels) > 0
+
+
+def check_reg_cells(rpn, rec, anchors, matched, labels, i, lv, m_reg):
+    li = rpn.in_features.index(lv)
     offset = sum(len(a) for a in anchors[:li])
     deltas = rpn.rpn_head([rec.t_features[f] for f in rpn.in_features])[1][li][i]  # (A*4, H, W)
     a_per = deltas.shape[0] // 4
     h, w = deltas.shape[-2:]
+    nonzero = 0
     for y in range(h):
         for x in range(w):
             best = 0.0
@@ -239,3 +255,29 @@ def test_tfd_rcnn_uses_the_teacher_rpn(make_ckpt):
                 box = rpn.box2box_transform.apply_deltas(d[None], anchors[li].tensor[idx - offset][None])[0]
                 best = max(best, naive_iou(box.tolist(), rec.gt_boxes[i][matched[idx]].tolist()))
             assert m_reg[lv][i, y, x].item() == pytest.approx(best, abs=1e-5)
+            nonzero += best > 0
+    return nonzero
+
+
+def test_tfd_loss_matches_naive_loop():
+    """loss_kd_tfd = FEAT_WEIGHT * sum M d^2 / (2 sum M + eps), d = adapter(S) - T, channels summed."""
+    cfg = cfg_with(TBD__LEVELS=["p3"], TBD__FEAT_WEIGHT=0.3, TBD__CLS_MASK_WEIGHT=2.0, TBD__REG_MASK_WEIGHT=0.5)
+    c = ctx(cfg, "dense")
+    c.teacher_cfg.MODEL.RETINANET.IN_FEATURES = ["p3"]
+    term = TaskDecoupledFeatureKD(cfg, c)
+    rec = grid_dense_record()
+    g = torch.Generator().manual_seed(0)
+    rec.features = {"p3": torch.randn(2, 3, 2, 2, generator=g)}
+    rec.t_features = {"p3": torch.randn(2, 2, 2, 2, generator=g)}
+    got = term(rec)[0]["loss_kd_tfd"].item()
+    m = term.masks(rec)["p3"]
+    a = term.adapters["p3"](rec.features["p3"])
+    num = den = 0.0
+    for n in range(2):
+        for i in range(2):
+            for j in range(2):
+                num += float(m[n, i, j]) * sum((float(a[n, k, i, j]) - float(rec.t_features["p3"][n, k, i, j])) ** 2
+                                               for k in range(2))
+                den += float(m[n, i, j])
+    assert den > 0
+    assert got == pytest.approx(0.3 * num / (2 * den + 1e-6), rel=1e-5)

@@ -92,7 +92,8 @@ class HierarchicalFeatureKD(DistillTerm):
     def weights(self, rec):
         """{stage: (N, H, W)} micro weights W on each stage's grid."""
         h = self.h
-        shapes = rec.level_shapes(self.levels)
+        # on the teacher's grid: the adapted student map is resized to it when the sizes differ
+        shapes = {lv: (rec.strides[lv], *rec.t_features[lv].shape[-2:]) for lv in self.levels}
         binary = box(rec.gt_boxes, shapes, None)
         out = {}
         for lv, (s, hh, ww) in shapes.items():
