@@ -36,7 +36,7 @@ PLANTS = [
     ("cls gate: student not detached -> >=", "distill_d2/losses.py",
      "    return p_t > p_s\n", "    return p_t >= p_s - 0.05\n", [T_METHODS, T_LOSSES]),
     ("box KD: gate compares >=", "distill_d2/losses.py",
-     "keep = pos & (iou_t > ref)", "keep = pos & (iou_t >= ref - 0.05)", [T_METHODS, T_LOSSES]),
+     "return pos, pos & (iou_t > ref)", "return pos, pos & (iou_t >= ref - 0.05)", [T_METHODS, T_LOSSES]),
     ("box KD: num_rois normaliser counts positives", "distill_d2/losses.py",
      '{"num_rois": gt_classes.numel(),', '{"num_rois": num_pos,', [T_METHODS, T_LOSSES]),
     ("box KD: deltas of the next class", "distill_d2/losses.py",

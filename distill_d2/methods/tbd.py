@@ -68,6 +68,15 @@ def add_tbd_config(d):
     d.TBD.CONF_THRESH = 0.05
 
 
+def dense_teacher_iou(d):
+    """(N, R) IoU of the teacher's decoded box of every anchor with the anchor's matched gt box
+    (meaningful on foreground anchors; NaN possible for degenerate boxes). ``d``: a DenseRecord."""
+    n = d.labels.shape[0]
+    anchors = d.anchors[None].expand(n, -1, -1).reshape(-1, 4)
+    boxes = d.box2box_transform.apply_deltas(d.t_deltas.reshape(-1, 4), anchors)
+    return matched_pairwise_iou(Boxes(boxes), Boxes(d.gt_boxes.reshape(-1, 4))).view(n, -1)
+
+
 def per_location(values, sizes):
     """{level: (N, H, W)} max over the A anchors of each location of per-anchor ``values`` (N, R)
     laid out level by level, each (H, W, A) (detectron2's anchor order); ``sizes``: {level: (H, W, A)}."""
@@ -116,10 +125,7 @@ class HarmonyClsKD(DistillTerm):
                 pos = (d.labels >= 0) & (d.labels < d.num_classes)
                 idx = d.labels.clamp(0, d.num_classes - 1)[..., None]
                 s = torch.sigmoid(d.t_logits).gather(2, idx)[..., 0]
-                n = d.labels.shape[0]
-                anchors = d.anchors[None].expand(n, -1, -1).reshape(-1, 4)
-                boxes = d.box2box_transform.apply_deltas(d.t_deltas.reshape(-1, 4), anchors)
-                u = matched_pairwise_iou(Boxes(boxes), Boxes(d.gt_boxes.reshape(-1, 4))).view_as(s)
+                u = dense_teacher_iou(d)
             hs = torch.where(pos, self._hs(s, u), torch.zeros_like(s))
         return hs, pos
 
@@ -197,10 +203,7 @@ class TaskDecoupledFeatureKD(DistillTerm):
                 d = rec.dense
                 conf = torch.sigmoid(d.t_logits).amax(dim=2)
                 pos = (d.labels >= 0) & (d.labels < d.num_classes)
-                n = d.labels.shape[0]
-                anchors = d.anchors[None].expand(n, -1, -1).reshape(-1, 4)
-                boxes = d.box2box_transform.apply_deltas(d.t_deltas.reshape(-1, 4), anchors)
-                u = matched_pairwise_iou(Boxes(boxes), Boxes(d.gt_boxes.reshape(-1, 4))).view_as(conf)
+                u = dense_teacher_iou(d)
                 iou = torch.where(pos, torch.nan_to_num(u, nan=0.0), torch.zeros_like(u))
                 sizes = dense_level_sizes(rec)
             conf = torch.where(conf >= self.t.CONF_THRESH, conf, torch.zeros_like(conf))
