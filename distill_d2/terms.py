@@ -176,8 +176,10 @@ def build_terms(cfg, ctx):
                 + _alternatives(n, ctx.family)
             )
         if cls.needs & {"heads", "same_family"} and ctx.teacher_family != ctx.family:
+            what = ("compares the two detectors' head outputs" if "heads" in cls.needs
+                    else "runs the teacher's own RPN or heads")
             raise DistillConfigError(
-                f"DISTILL.TERMS: {n} compares the two detectors' head outputs, but the teacher "
+                f"DISTILL.TERMS: {n} {what}, but the teacher "
                 f"({ctx.teacher_cfg.MODEL.META_ARCHITECTURE}) is not of the student's family "
                 f"({FAMILY_NAMES[ctx.family]}). Use a teacher of the same family, or only feature terms "
                 "(e.g. FeatureKD, DecoupledFeatureKD) for cross-family pairs."

@@ -129,6 +129,11 @@ def test_cross_family_feature_kd(preset, teacher_config, make_ckpt):
     with pytest.raises(DistillConfigError, match=rf"{head_term} compares the two detectors' head outputs.*not of the "
                                                  r"student's family"):
         build_model(tiny_cfg(preset, "DISTILL.TERMS", f"['{cfg.DISTILL.TERMS[0]}', '{head_term}']"))
+    if "frcnn_R18" in preset:  # terms that run the teacher's RPN need a Faster R-CNN teacher too
+        for term in ("DecoupledProposalKD", "ReverseRoIClsKD", "TaskDecoupledFeatureKD"):
+            with pytest.raises(DistillConfigError, match=rf"{term} runs the teacher's own RPN.*not of the student"):
+                build_model(tiny_cfg(preset, "DISTILL.TERMS", f"['{cfg.DISTILL.TERMS[0]}', '{term}']",
+                                     "DISTILL.UNUSED_KEYS", "warn"))
     losses, _ = train_steps(model, batches(cfg, 2))
     assert not any(k in losses for k in ("loss_kd_cls", "loss_kd_box"))
     assert any(k.startswith("loss_kd_feat") for k in losses)
