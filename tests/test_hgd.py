@@ -155,7 +155,7 @@ def test_running_mean_macro_balances_stages():
     assert raw[1] / raw[0] > 100  # unbalanced before the macro weights
     assert (weighted.max() / weighted.min()).item() < 1.10  # after warm-up: within 10% of each other
     # the total keeps the raw scale: mean of the running means
-    m = term.running / (1 - 0.9 ** term.steps)
+    m = term.running
     assert out["loss_kd_hgd"].item() == pytest.approx((m.mean() / m * raw).mean().item(), rel=1e-5)
     assert int(term.steps) == 40
     term.eval()  # explain/eval: no update
@@ -163,16 +163,18 @@ def test_running_mean_macro_balances_stages():
     assert int(term.steps) == 40
 
 
-def test_running_mean_first_step_and_bias_correction_hand_computed():
-    cfg = cfg_with(HGD__LEVELS=["p2", "p3"], HGD__ADAPTER="identity", HGD__MOMENTUM=0.5)
+def test_running_mean_first_steps_hand_computed():
+    cfg = cfg_with(HGD__LEVELS=["p2", "p3"], HGD__ADAPTER="identity", HGD__MOMENTUM=0.75)
     term = HierarchicalFeatureKD(cfg, ctx(cfg, cs=2, ct=2)).train()
     l1 = torch.tensor([2.0, 8.0])
-    c = term.macro_scales(l1)  # m = l1 (bias-corrected first step) -> c = mean(m) / m
+    c = term.macro_scales(l1)  # m = 0.25 * l1 -> c = mean(m) / m
     assert c.tolist() == pytest.approx([5.0 / 2.0, 5.0 / 8.0])
     l2 = torch.tensor([4.0, 8.0])
-    c = term.macro_scales(l2)  # running = 0.25*l1 + 0.5*l2... : (0.5*0.5*l1 + 0.5*l2) / (1 - 0.25)
-    m = (0.25 * l1 + 0.5 * l2) / 0.75
+    c = term.macro_scales(l2)  # m = 0.75 * 0.25 * l1 + 0.25 * l2
+    m = 0.1875 * l1 + 0.25 * l2
     assert c.tolist() == pytest.approx((m.mean() / m).tolist())
+    term.eval()
+    assert term.macro_scales(torch.tensor([1.0, 1.0])).tolist() == pytest.approx((m.mean() / m).tolist())
 
 
 def test_explain_shows_the_micro_weights():

@@ -16,7 +16,7 @@ section 2), every choice a key of ``DISTILL.HGD``; docs/methods/HGD.md.
   gt-box mask and M_fg = M, or with ``AREA_BALANCE`` the per-box 1/area
   weights (every box the same total weight); macro: ``loss = WEIGHT *
   mean_k(c_k L_k)`` with ``c_k = STAGE_WEIGHTS[k]`` ("fixed") or ``c_k =
-  mean_j(m_j) / m_k`` ("running_mean"), m_k a detached, bias-corrected running
+  mean_j(m_j) / m_k`` ("running_mean"), m_k a detached exponential running
   mean of L_k (momentum ``MOMENTUM``, averaged over processes), so every stage
   contributes alike while the total keeps the raw losses' scale.
   Logs ``kd/hgd_<stage>`` (each L_k) and ``kd/hgd_scale_<stage>`` (c_k).
@@ -59,7 +59,7 @@ class HierarchicalFeatureKD(DistillTerm):
         d.HGD.MACRO = "running_mean"
         # "fixed": one weight per entry of LEVELS (empty: all 1).
         d.HGD.STAGE_WEIGHTS = []
-        # "running_mean": momentum of the (bias-corrected) exponential running mean.
+        # "running_mean": momentum of the exponential running mean.
         d.HGD.MOMENTUM = 0.99
 
     def __init__(self, cfg, ctx):
@@ -125,9 +125,9 @@ class HierarchicalFeatureKD(DistillTerm):
             mom = self.h.MOMENTUM
             self.steps += 1
             self.running.mul_(mom).add_(vals, alpha=1 - mom)
-        # before any update (steps 0, running 0) every c_k is 1
-        m = self.running / (1 - self.h.MOMENTUM ** self.steps.clamp(min=1).to(self.running.dtype))
-        m = m.clamp(min=1e-12)
+        # The EMA's start-up bias (1 - MOMENTUM^t) is the same factor for every stage and cancels
+        # in the ratio; before any update (running 0) every c_k is 1.
+        m = self.running.clamp(min=1e-12)
         return m.mean() / m
 
     def forward(self, rec):
