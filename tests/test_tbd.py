@@ -145,11 +145,16 @@ def grid_dense_record():
     return rec
 
 
-def test_tfd_masks_zero_where_teacher_not_confident_and_no_gt():
-    cfg = cfg_with(TBD__LEVELS=["p3"], TBD__CONF_THRESH=0.05, TBD__CLS_MASK_WEIGHT=2.0, TBD__REG_MASK_WEIGHT=0.5)
+def dense_tfd_term(**keys):
+    """TaskDecoupledFeatureKD for a RetinaNet pair whose head reads only 'p3' (grid_dense_record)."""
+    cfg = cfg_with(TBD__LEVELS=["p3"], **keys)
     c = ctx(cfg, "dense")
     c.teacher_cfg.MODEL.RETINANET.IN_FEATURES = ["p3"]
-    term = TaskDecoupledFeatureKD(cfg, c)
+    return TaskDecoupledFeatureKD(cfg, c)
+
+
+def test_tfd_masks_zero_where_teacher_not_confident_and_no_gt():
+    term = dense_tfd_term(TBD__CONF_THRESH=0.05, TBD__CLS_MASK_WEIGHT=2.0, TBD__REG_MASK_WEIGHT=0.5)
     rec = grid_dense_record()
     m_cls, m_reg = term.task_masks(rec)
     iou = naive_iou([0, 0, 16, 8], [1, 1, 17, 9])  # zero deltas: the decoded box is the anchor
@@ -160,8 +165,7 @@ def test_tfd_masks_zero_where_teacher_not_confident_and_no_gt():
     assert torch.allclose(m, t([[[0.5 * iou, 0.0], [0.0, 0.0]], [[0.0, 0.0], [2.0 * sig(3.0), 0.0]]]))
     assert (m == 0).sum().item() == 6  # everywhere else exactly zero
     # a confident location below the threshold is dropped
-    cfg = cfg_with(TBD__LEVELS=["p3"], TBD__CONF_THRESH=0.99)
-    term = TaskDecoupledFeatureKD(cfg, c)
+    term = dense_tfd_term(TBD__CONF_THRESH=0.99)
     assert term.task_masks(rec)[0]["p3"].sum().item() == 0
 
 
@@ -261,10 +265,7 @@ def check_reg_cells(rpn, rec, anchors, matched, labels, i, lv, m_reg):
 
 def test_tfd_loss_matches_naive_loop():
     """loss_kd_tfd = FEAT_WEIGHT * sum M d^2 / (2 sum M + eps), d = adapter(S) - T, channels summed."""
-    cfg = cfg_with(TBD__LEVELS=["p3"], TBD__FEAT_WEIGHT=0.3, TBD__CLS_MASK_WEIGHT=2.0, TBD__REG_MASK_WEIGHT=0.5)
-    c = ctx(cfg, "dense")
-    c.teacher_cfg.MODEL.RETINANET.IN_FEATURES = ["p3"]
-    term = TaskDecoupledFeatureKD(cfg, c)
+    term = dense_tfd_term(TBD__FEAT_WEIGHT=0.3, TBD__CLS_MASK_WEIGHT=2.0, TBD__REG_MASK_WEIGHT=0.5)
     rec = grid_dense_record()
     g = torch.Generator().manual_seed(0)
     rec.features = {"p3": torch.randn(2, 3, 2, 2, generator=g)}
