@@ -86,7 +86,6 @@ class HierarchicalFeatureKD(DistillTerm):
         self.register_buffer("stage_weights", torch.tensor([float(weights[i]) for i in order]), persistent=False)
         # running means of the stage losses (saved in checkpoints: exact resume)
         self.register_buffer("running", torch.zeros(len(self.levels)))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.h = h
 
     def weights(self, rec):
@@ -123,7 +122,6 @@ class HierarchicalFeatureKD(DistillTerm):
                 dist.all_reduce(vals)
                 vals /= dist.get_world_size()
             mom = self.h.MOMENTUM
-            self.steps += 1
             self.running.mul_(mom).add_(vals, alpha=1 - mom)
         # The EMA's start-up bias (1 - MOMENTUM^t) is the same factor for every stage and cancels
         # in the ratio; before any update (running 0) every c_k is 1.
