@@ -151,7 +151,8 @@ PLANTS = [
     ("tbd: RPN ignored anchors count as matched", "distill_d2/methods/tbd.py",
      "iou[i] = torch.where(labels == 1,", "iou[i] = torch.where(labels >= 0,", [T_TBD]),
     ("tbd: TFD mean normalisation", "distill_d2/methods/tbd.py",
-     'masked_feature_loss(adapted, target, masks, "fgfi")', 'masked_feature_loss(adapted, target, masks, "mean")',
+     'masked_feature_loss(adapted, target, self.masks(rec), "fgfi")',
+     'masked_feature_loss(adapted, target, self.masks(rec), "mean")',
      [T_TBD]),
 
 ]

@@ -39,7 +39,7 @@ from ..losses import (batch_normalize, class_deltas, harmony_score, masked_featu
                       softmax_kl_rows_to, with_gt_prob)
 from ..modeling.retinanet import dense_level_sizes
 from ..terms import DISTILL_TERM_REGISTRY, DistillConfigError, DistillTerm, check_choice, distilled_levels, level_adapters
-from .generic import check_same_anchors, per_image
+from .generic import MaskedFeatureTerm, check_same_anchors, per_image
 
 HS_FORMS = ("power", "tood", "agreement")
 
@@ -163,7 +163,7 @@ class HarmonyClsKD(DistillTerm):
 
 
 @DISTILL_TERM_REGISTRY.register()
-class TaskDecoupledFeatureKD(DistillTerm):
+class TaskDecoupledFeatureKD(MaskedFeatureTerm):
     needs = frozenset({"same_family"})
     reads = ("TBD.LEVELS", "TBD.ADAPTER", "TBD.FEAT_WEIGHT", "TBD.*_MASK_WEIGHT", "TBD.CONF_THRESH")
 
@@ -239,10 +239,9 @@ class TaskDecoupledFeatureKD(DistillTerm):
         return {lv: t.CLS_MASK_WEIGHT * m_cls[lv] + t.REG_MASK_WEIGHT * m_reg[lv] for lv in self.levels}
 
     def forward(self, rec):
-        masks = self.masks(rec)
-        adapted = {lv: self.adapters[lv](rec.features[lv]) for lv in self.levels}
-        target = {lv: rec.t_features[lv] for lv in self.levels}
-        return {"loss_kd_tfd": self.t.FEAT_WEIGHT * masked_feature_loss(adapted, target, masks, "fgfi")}, {}
+        adapted, target = self.adapted(rec), {lv: rec.t_features[lv] for lv in self.levels}
+        loss = masked_feature_loss(adapted, target, self.masks(rec), "fgfi")
+        return {"loss_kd_tfd": self.t.FEAT_WEIGHT * loss}, {}
 
     def explain(self, rec):
         m_cls, m_reg = self.task_masks(rec)
