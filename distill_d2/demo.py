@@ -58,8 +58,11 @@ def same_config(config, out_dir, opts):
     return old == new
 
 
-def run_train_net(config, out_dir, opts, label, cache=True):
+def run_train_net(config, out_dir, opts, label, cache=True, threads=None):
     """Run train_net.py; returns (results["bbox"], s/iter).
+
+    ``threads``: torch CPU threads of the run (``OMP_NUM_THREADS``; an ``OMP_NUM_THREADS``
+    set by the user wins). Several runs at once on C cores should get C / runs each, not C.
 
     With ``cache``, a finished run in ``out_dir`` with the same merged config is
     reused instead of retrained. An interrupted run (a checkpoint, no results) of the
@@ -82,6 +85,8 @@ def run_train_net(config, out_dir, opts, label, cache=True):
         t0 = time.time()
         with open(os.path.join(out_dir, "log.txt"), "w") as log:
             env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they happen
+            if threads and "OMP_NUM_THREADS" not in os.environ:
+                env["OMP_NUM_THREADS"] = str(threads)
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                     env=env)
             for line in proc.stdout:
@@ -282,7 +287,10 @@ def main(argv=None):
     progress = {"done": 0, "trained_s": []}
     lock = threading.Lock()
 
-    def run(config, out_dir, opts, label, cache=True):
+    # students run --jobs at a time, so each gets its share of the cores (the teacher, alone, gets all)
+    student_threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def run(config, out_dir, opts, label, cache=True, threads=None):
         """run_train_net + the stage rules + suite progress with ETA (thread-safe, for --jobs)."""
         opts = data_opts + list(opts)
         if args.stage == "report" or (args.stage == "students" and label.startswith("teacher")):
@@ -291,7 +299,7 @@ def main(argv=None):
                                  "run its stage first.")
             cache = True
         t = time.time()
-        r = run_train_net(config, out_dir, opts, label, cache)
+        r = run_train_net(config, out_dir, opts, label, cache, threads)
         with lock:
             progress["done"] += 1
             if os.path.getmtime(os.path.join(out_dir, "results.json")) >= t:  # trained now (not cached)
@@ -326,7 +334,7 @@ def main(argv=None):
             jobs.append((f"{m} {s_name}", m, os.path.join(SYN, presets[m]), os.path.join(out, f"{args.suite}_{m}_seed{seed}"),
                          opts + ["DISTILL.TEACHER.WEIGHTS", teacher_w], f"{m} seed {seed}"))
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(lambda j: run(j[2], j[3], j[4], j[5], args.reuse_runs), jobs))
+        results = list(pool.map(lambda j: run(j[2], j[3], j[4], j[5], args.reuse_runs, student_threads), jobs))
     last = {}
     for (row, m, cfg_file, d, _, _), (r, s) in zip(jobs, results):
         runs[row].append(dict(r, s_iter=s))

@@ -303,6 +303,7 @@ def main(args):
     # the project's own log lines (teacher loaded, terms, resume, data checks) on the console and in log.txt
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="distill_d2", abbrev_name="distill_d2")
     logging.getLogger("distill_d2").propagate = True  # (setup_logger turns it off; handlers of the root stay usable)
+    logging.getLogger("distill_d2").info("torch CPU threads: %d", torch.get_num_threads())
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:
             raise ValueError("--eval-only needs weights: pass MODEL.WEIGHTS /path/to/model.pth (or --resume).")

@@ -29,11 +29,13 @@ def test_plot_results_writes_a_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_run_train_net_trains_then_reuses(tmp_path, datasets_dir):
+def test_run_train_net_trains_then_reuses(tmp_path, datasets_dir, monkeypatch):
     opts = TINY_OPTS + ["SOLVER.MAX_ITER", "3"]
     out = str(tmp_path / "run")
-    res, s_iter = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), out, opts, "tiny")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    res, s_iter = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), out, opts, "tiny", threads=1)
     assert set(res) >= {"AP", "AP50", "APl"} and os.path.isfile(os.path.join(out, "log.txt"))
+    assert "torch CPU threads: 1" in open(os.path.join(out, "log.txt")).read()  # its share of the cores, not all
     mtime = os.path.getmtime(os.path.join(out, "model_final.pth"))
     res2, _ = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), out, opts, "tiny")
     assert res2 == res and os.path.getmtime(os.path.join(out, "model_final.pth")) == mtime
