@@ -190,7 +190,8 @@ def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thres
                 inst = model([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()),
                                "height": d["height"], "width": d["width"]}])[0]["instances"]
             inst = inst[inst.scores >= score_thresh].to("cpu")
-            vis = Visualizer(img[:, :, ::-1], meta, scale=2.0).draw_instance_predictions(inst).get_image()
+            scale = min(2.0, 512 / max(img.shape[:2]))  # tiles of 512 px (a 256 px image x2), whatever the data
+            vis = Visualizer(img[:, :, ::-1], meta, scale=scale).draw_instance_predictions(inst).get_image()
             cv2.putText(vis, f"{label} (score >= {score_thresh:g})", (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7,
                         (255, 255, 255), 2)
             tiles.append(vis)
