@@ -136,6 +136,25 @@ def fmt_table(rows):
     return "\n".join(lines)
 
 
+def fmt_seed_gains(rows, seeds):
+    """Markdown table: each method's AP gain over the baseline run of the same seed (same data
+    order and initialisation), per seed, their mean, and the gain of the mean VOC AP50 when
+    evaluated. ``rows``: (name, runs in ``seeds`` order) as for fmt_table; teacher rows skipped."""
+    base = next(runs for name, runs in rows if name.startswith("baseline"))
+    voc = all("VOC_AP50" in r for _, runs in rows for r in runs)
+    lines = ["| method | " + " | ".join(f"gain seed {s}" for s in seeds) + " | mean gain |"
+             + (" VOC AP50 gain |" if voc else ""), "|---|" + "---|" * (len(seeds) + 1 + voc)]
+    for name, runs in rows:
+        if name.startswith(("teacher", "baseline")):
+            continue
+        gains = [r["AP"] - b["AP"] for r, b in zip(runs, base, strict=True)]
+        cells = [f"{g:+.1f}" for g in gains] + [f"{statistics.mean(gains):+.1f}"]
+        if voc:
+            cells.append(f"{statistics.mean(r['VOC_AP50'] for r in runs) - statistics.mean(b['VOC_AP50'] for b in base):+.1f}")
+        lines.append(f"| {name.split()[0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_results(runs, out_png, title):
     """Grouped bar chart (matplotlib PNG): AP, AP50, AP75, APs/m/l per model, mean with std whiskers."""
     import matplotlib
@@ -343,6 +362,8 @@ def main(argv=None):
                                  else os.path.join(d, "model_final.pth"))
 
     table = fmt_table(list(runs.items()))
+    table += ("\n\nPer-seed AP gain over the baseline of the same seed:\n\n"
+              + fmt_seed_gains(list(runs.items()), args.seeds))
     where = f"{args.data} ({args.data_name}_{args.eval_split})" if args.data else "Synthetic val (200 images)"
     note = (f"{where}, COCO bbox AP, mean ± std over seeds {args.seeds} (teacher: seed 0). "
             f"Same student schedule for the baseline and every method. s/iter: median logged train step time "

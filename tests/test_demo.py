@@ -3,7 +3,7 @@ import json
 import os
 
 from conftest import SYN, TINY_OPTS
-from distill_d2.demo import finished_with_config, fmt_table, plot_results, run_train_net, seconds_per_iter
+from distill_d2.demo import finished_with_config, fmt_seed_gains, fmt_table, plot_results, run_train_net, seconds_per_iter
 
 
 def test_seconds_per_iter_skips_first_window(tmp_path):
@@ -20,6 +20,17 @@ def test_table_has_mean_and_std_over_seeds():
     table = fmt_table([("baseline", runs)])
     assert "| baseline | 2 | 11.0 ± 1.4 | 21.0 ± 1.4 |" in table
     assert "0.600 ± 0.141 |" in table
+
+
+def test_seed_gains_pair_each_seed_with_its_baseline():
+    def r(ap, voc):
+        return dict(AP=ap, AP50=0, AP75=0, APs=0, APm=0, APl=0, VOC_AP50=voc, s_iter=1.0)
+
+    rows = [("teacher R34", [r(60.0, 90.0)]), ("baseline R18", [r(40.0, 80.0), r(50.0, 84.0)]),
+            ("TAR R18", [r(45.0, 83.0), r(51.0, 86.0)])]
+    table = fmt_seed_gains(rows, [3, 7])
+    assert table.splitlines()[0] == "| method | gain seed 3 | gain seed 7 | mean gain | VOC AP50 gain |"
+    assert table.splitlines()[2] == "| TAR | +5.0 | +1.0 | +3.0 | +2.5 |" and len(table.splitlines()) == 3
 
 
 def test_plot_results_writes_a_png(tmp_path):
