@@ -25,6 +25,11 @@ if $PY -c "import torch, torchvision" 2>/dev/null; then
     echo "[setup] keeping $($PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"
 else
     echo "[setup] installing $TORCH_SPEC (several GB with the CUDA runtime wheels)"
+    free_gb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print int($4 / 1048576)}')
+    if [ "${free_gb:-99}" -lt 8 ]; then
+        echo "[setup] WARNING: only ${free_gb} GB free for $VENV; torch with its CUDA wheels takes ~6 GB" \
+             "and the tests ~1 GB more: free some space first if pip stops with 'No space left on device'" >&2
+    fi
     $PIP install $TORCH_SPEC
 fi
 
