@@ -29,15 +29,16 @@ bench: setup
 	$(PY) -m distill_d2.demo --out output/bench --suite retinanet --methods $(METHODS) --seeds 0 1 --reuse-runs --jobs $(JOBS)
 
 # The real-data benchmark (BCCD, docs/RESULTS.md): Pascal-VOC folder given by DATA. Sized for
-# 2 CPU cores (about 2 hours with JOBS=2: students two at a time, one thread each);
+# 2 CPU cores (about 3 hours with JOBS=2 for 3 seeds: students two at a time, one thread each);
 # finished runs are reused and interrupted ones resume, so it can be run in pieces
 # (or one stage at a time: python -m distill_d2.demo ... --stage teacher|students|report).
 DATA ?= ../shared/data/BCCD
+SEEDS ?= 0 1 2
 BCCD_OPTS = INPUT.MIN_SIZE_TRAIN "(256,)" INPUT.MAX_SIZE_TRAIN 256 INPUT.MIN_SIZE_TEST 256 INPUT.MAX_SIZE_TEST 256 \
 	SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.01
 bench-bccd: setup
 	for s in frcnn retinanet; do $(PY) -m distill_d2.demo --data $(DATA) --data-name bccd --train-split trainval \
-	  --eval-split test --suite $$s --methods $(METHODS) --seeds 0 1 --jobs $(JOBS) --teacher-iters 1000 \
+	  --eval-split test --suite $$s --methods $(METHODS) --seeds $(SEEDS) --jobs $(JOBS) --teacher-iters 1000 \
 	  --student-iters 300 --reuse-runs --out output/bccd --opts $(BCCD_OPTS) || exit 1; done
 
 clean-venv:

@@ -3,6 +3,8 @@
     python -m distill_d2.demo                      # Faster R-CNN: teacher, baseline, TAR -> output/demo
     python -m distill_d2.demo --methods TAR DeFeat --seeds 0 1 --out output/bench
     python -m distill_d2.demo --suite retinanet --methods TAR DeFeat --seeds 0 1 --out output/bench
+    python -m distill_d2.demo --data /data/BCCD --data-name bccd ...           # a Pascal-VOC folder
+    python -m distill_d2.demo --coco-train train.json images/ --coco-eval val.json images/ ...  # COCO json
 
 Steps: generate the synthetic dataset; train the R34 teacher (cached: skipped
 when ``<out>/teacher_<suite>`` holds a finished run of the same settings); train
@@ -102,6 +104,22 @@ def run_train_net(config, out_dir, opts, label, cache=True, threads=None):
     if "voc_bbox" in raw:  # TEST.EVALUATOR coco+pascal_voc
         results["VOC_AP50"] = raw["voc_bbox"]["AP50"]
     return results, seconds_per_iter(out_dir)
+
+
+def coco_class_count(train_json, eval_json):
+    """Number of categories of a COCO training json; the evaluation json must have the same ones."""
+    cats = []
+    for path in (train_json, eval_json):
+        if not os.path.isfile(path):
+            raise SystemExit(f"[demo] COCO json '{path}' does not exist.")
+        with open(path) as f:
+            cats.append(sorted((c["id"], c["name"]) for c in json.load(f).get("categories", [])))
+    if not cats[0]:
+        raise SystemExit(f"[demo] {train_json} has no 'categories': cannot tell the class count.")
+    if cats[0] != cats[1]:
+        raise SystemExit(f"[demo] the training and evaluation jsons list different categories:\n  {train_json}: "
+                         f"{cats[0]}\n  {eval_json}: {cats[1]}\nboth must use the same (id, name) list.")
+    return len(cats[0])
 
 
 def seconds_per_iter(out_dir):
@@ -264,7 +282,12 @@ def main(argv=None):
                    help="also reuse finished student runs with the same settings (the teacher always is)")
     p.add_argument("--data", default=None, help="a Pascal-VOC folder to run on instead of the synthetic data "
                    "(registered as <data-name>_train/_val: its ImageSets/Main splits, or a seeded 80/20 split)")
-    p.add_argument("--data-name", default="data", help="dataset name prefix for --data")
+    p.add_argument("--coco-train", nargs=2, metavar=("JSON", "IMAGE_ROOT"), default=None,
+                   help="COCO-format data instead of --data: the training json and its image folder "
+                        "(registered as <data-name>_train)")
+    p.add_argument("--coco-eval", nargs=2, metavar=("JSON", "IMAGE_ROOT"), default=None,
+                   help="with --coco-train: the json evaluated after each run (<data-name>_eval)")
+    p.add_argument("--data-name", default="data", help="dataset name prefix for --data / --coco-*")
     p.add_argument("--train-split", default="train", help="--data split to train on (ImageSets/Main/<split>.txt)")
     p.add_argument("--eval-split", default="val", help="--data split to evaluate on (e.g. test, keeping val for "
                    "choosing settings)")
@@ -279,6 +302,10 @@ def main(argv=None):
     unknown = [m for m in args.methods if m not in presets]
     if unknown:
         p.error(f"unknown method(s) {unknown} for suite {args.suite}; choose from {sorted(presets)}")
+    if (args.coco_train is None) != (args.coco_eval is None):
+        p.error("--coco-train and --coco-eval go together (training json + images, evaluation json + images)")
+    if args.coco_train and args.data:
+        p.error("give either --data (a Pascal-VOC folder) or --coco-train/--coco-eval, not both")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
@@ -298,6 +325,14 @@ def main(argv=None):
                       "DATASETS.TEST", f"('{ev}',)", "MODEL.ROI_HEADS.NUM_CLASSES", k, "MODEL.RETINANET.NUM_CLASSES", k,
                       "TEST.EVALUATOR", "coco+pascal_voc"]
         print(f"[demo] data: {args.data} ({k} classes): train {tr}, evaluate {ev}", flush=True)
+    elif args.coco_train:
+        k = coco_class_count(args.coco_train[0], args.coco_eval[0])
+        tr, ev = f"{args.data_name}_train", f"{args.data_name}_eval"
+        specs = [[tr] + [os.path.abspath(x) for x in args.coco_train], [ev] + [os.path.abspath(x) for x in args.coco_eval]]
+        data_opts += ["DATASETS.COCO", str(specs), "DATASETS.TRAIN", f"('{tr}',)", "DATASETS.TEST", f"('{ev}',)",
+                      "MODEL.ROI_HEADS.NUM_CLASSES", k, "MODEL.RETINANET.NUM_CLASSES", k, "TEST.EVALUATOR", "coco"]
+        print(f"[demo] data: COCO json {args.coco_train[0]} ({k} classes): train {tr}, evaluate {ev} "
+              f"({args.coco_eval[0]})", flush=True)
     else:
         t0 = time.time()
         for split in ("synthetic_train", "synthetic_val"):
@@ -325,9 +360,10 @@ def main(argv=None):
             if os.path.getmtime(os.path.join(out_dir, "results.json")) >= t:  # trained now (not cached)
                 progress["trained_s"].append(time.time() - t)
             left = total - progress["done"]
-            eta = statistics.mean(progress["trained_s"]) * left / max(1, args.jobs) if progress["trained_s"] else 0.0
-        print(f"[suite] {progress['done']}/{total} runs done, elapsed {time.time() - t_start:.0f} s, "
-              f"ETA ~{eta / 60:.0f} min", flush=True)
+            eta = (f"ETA ~{statistics.mean(progress['trained_s']) * left / max(1, args.jobs) / 60:.0f} min"
+                   if progress["trained_s"] else "ETA after the first trained run" if left else "ETA 0 min")
+        print(f"[suite] {progress['done']}/{total} runs done, elapsed {time.time() - t_start:.0f} s, {eta}",
+              flush=True)
         return r
 
     def sched(iters):
@@ -364,7 +400,8 @@ def main(argv=None):
     table = fmt_table(list(runs.items()))
     table += ("\n\nPer-seed AP gain over the baseline of the same seed:\n\n"
               + fmt_seed_gains(list(runs.items()), args.seeds))
-    where = f"{args.data} ({args.data_name}_{args.eval_split})" if args.data else "Synthetic val (200 images)"
+    where = (f"{args.data} ({args.data_name}_{args.eval_split})" if args.data
+             else f"{args.coco_eval[0]} ({args.data_name}_eval)" if args.coco_train else "Synthetic val (200 images)")
     note = (f"{where}, COCO bbox AP, mean ± std over seeds {args.seeds} (teacher: seed 0). "
             f"Same student schedule for the baseline and every method. s/iter: median logged train step time "
             f"on this machine ({os.cpu_count()} CPUs). Date {time.strftime('%Y-%m-%d')}. "
@@ -376,7 +413,7 @@ def main(argv=None):
     with open(os.path.join(out, f"results_{args.suite}.json"), "w") as f:
         json.dump(runs, f, indent=2)
     plot_results(runs, os.path.join(out, f"results_{args.suite}.png"),
-                 f"{args.data_name + ' ' + args.eval_split if args.data else 'synthetic val'}, {args.suite}")
+                 f"{args.data_name + ' ' + args.eval_split if args.data else args.data_name + ' eval' if args.coco_train else 'synthetic val'}, {args.suite}")
     png = os.path.join(out, f"predictions_{args.suite}.png")
     draw_predictions(os.path.join(SYN, student_yaml), last, png, score_thresh=VIS_THRESH[args.suite], opts=data_opts)
     print(f"[demo] wrote results_{args.suite}.md/.json/.png and predictions_{args.suite}.png in {out}", flush=True)
