@@ -315,29 +315,31 @@ def main(argv=None):
     import distill_d2  # noqa: F401
 
     data_opts = list(args.opts)
-    if args.data:
+    n = args.data_name
+    if args.data:  # a Pascal-VOC folder: <n>_<split> for each of its splits
         from .data.builtin import voc_class_names
 
         k = len(voc_class_names(args.data))
-        n = args.data_name
         tr, ev = f"{n}_{args.train_split}", f"{n}_{args.eval_split}"
-        data_opts += ["DATASETS.VOC", str([[n, os.path.abspath(args.data)]]), "DATASETS.TRAIN", f"('{tr}',)",
-                      "DATASETS.TEST", f"('{ev}',)", "MODEL.ROI_HEADS.NUM_CLASSES", k, "MODEL.RETINANET.NUM_CLASSES", k,
-                      "TEST.EVALUATOR", "coco+pascal_voc"]
-        print(f"[demo] data: {args.data} ({k} classes): train {tr}, evaluate {ev}", flush=True)
-    elif args.coco_train:
+        register = ["DATASETS.VOC", str([[n, os.path.abspath(args.data)]]), "TEST.EVALUATOR", "coco+pascal_voc"]
+        src, where, title = args.data, f"{args.data} ({ev})", f"{n} {args.eval_split}"
+    elif args.coco_train:  # two COCO jsons: <n>_train, <n>_eval
         k = coco_class_count(args.coco_train[0], args.coco_eval[0])
-        tr, ev = f"{args.data_name}_train", f"{args.data_name}_eval"
+        tr, ev = f"{n}_train", f"{n}_eval"
         specs = [[tr] + [os.path.abspath(x) for x in args.coco_train], [ev] + [os.path.abspath(x) for x in args.coco_eval]]
-        data_opts += ["DATASETS.COCO", str(specs), "DATASETS.TRAIN", f"('{tr}',)", "DATASETS.TEST", f"('{ev}',)",
-                      "MODEL.ROI_HEADS.NUM_CLASSES", k, "MODEL.RETINANET.NUM_CLASSES", k, "TEST.EVALUATOR", "coco"]
-        print(f"[demo] data: COCO json {args.coco_train[0]} ({k} classes): train {tr}, evaluate {ev} "
-              f"({args.coco_eval[0]})", flush=True)
+        register = ["DATASETS.COCO", str(specs), "TEST.EVALUATOR", "coco"]
+        src = f"COCO json {args.coco_train[0]}, {args.coco_eval[0]}"
+        where, title = f"{args.coco_eval[0]} ({ev})", f"{n} eval"
     else:
+        where, title = "Synthetic val (200 images)", "synthetic val"
         t0 = time.time()
         for split in ("synthetic_train", "synthetic_val"):
             DatasetCatalog.get(split)
         print(f"[demo] synthetic dataset ready ({time.time() - t0:.1f} s)", flush=True)
+    if args.data or args.coco_train:
+        data_opts += register + ["DATASETS.TRAIN", f"('{tr}',)", "DATASETS.TEST", f"('{ev}',)",
+                                 "MODEL.ROI_HEADS.NUM_CLASSES", k, "MODEL.RETINANET.NUM_CLASSES", k]
+        print(f"[demo] data: {src} ({k} classes): train {tr}, evaluate {ev}", flush=True)
     total = 1 + len(args.seeds) * (1 + len(args.methods))
     progress = {"done": 0, "trained_s": []}
     lock = threading.Lock()
@@ -400,8 +402,6 @@ def main(argv=None):
     table = fmt_table(list(runs.items()))
     table += ("\n\nPer-seed AP gain over the baseline of the same seed:\n\n"
               + fmt_seed_gains(list(runs.items()), args.seeds))
-    where = (f"{args.data} ({args.data_name}_{args.eval_split})" if args.data
-             else f"{args.coco_eval[0]} ({args.data_name}_eval)" if args.coco_train else "Synthetic val (200 images)")
     note = (f"{where}, COCO bbox AP, mean ± std over seeds {args.seeds} (teacher: seed 0). "
             f"Same student schedule for the baseline and every method. s/iter: median logged train step time "
             f"on this machine ({os.cpu_count()} CPUs). Date {time.strftime('%Y-%m-%d')}. "
@@ -413,7 +413,7 @@ def main(argv=None):
     with open(os.path.join(out, f"results_{args.suite}.json"), "w") as f:
         json.dump(runs, f, indent=2)
     plot_results(runs, os.path.join(out, f"results_{args.suite}.png"),
-                 f"{args.data_name + ' ' + args.eval_split if args.data else args.data_name + ' eval' if args.coco_train else 'synthetic val'}, {args.suite}")
+                 f"{title}, {args.suite}")
     png = os.path.join(out, f"predictions_{args.suite}.png")
     draw_predictions(os.path.join(SYN, student_yaml), last, png, score_thresh=VIS_THRESH[args.suite], opts=data_opts)
     print(f"[demo] wrote results_{args.suite}.md/.json/.png and predictions_{args.suite}.png in {out}", flush=True)

@@ -121,32 +121,15 @@ def test_benchmark_on_a_voc_folder_by_stage(tmp_path, datasets_dir):
     assert (out / "predictions_frcnn.png").stat().st_size > 0
 
 
-def _coco_json(path, image_dir, n, cats):
-    """A tiny COCO json of ``n`` generated images under ``image_dir`` (one box per category)."""
-    import json
-
-    from test_own_data import _image
-
-    image_dir.mkdir(exist_ok=True)
-    images, anns = [], []
-    for i in range(n):
-        _image(image_dir / f"{i}.jpg", i)
-        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": 128, "height": 96})
-        boxes = ([10, 20, 40, 50], [78, 28, 24, 24])
-        anns += [{"id": len(anns) + j + 1, "image_id": i + 1, "category_id": c["id"], "bbox": b,
-                  "area": b[2] * b[3], "iscrowd": 0} for j, (c, b) in enumerate(zip(cats, boxes))]
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return str(path)
-
-
 def test_benchmark_on_coco_jsons(tmp_path, datasets_dir):
     import pytest
 
     from distill_d2.demo import main
+    from test_own_data import coco_json
 
     cats = [{"id": 3, "name": "cell"}, {"id": 7, "name": "dot"}]
-    tr = _coco_json(tmp_path / "train.json", tmp_path / "img", 6, cats)
-    ev = _coco_json(tmp_path / "val.json", tmp_path / "img", 3, cats)
+    tr = coco_json(tmp_path / "train.json", tmp_path / "img", 6, cats)
+    ev = coco_json(tmp_path / "val.json", tmp_path / "img", 3, cats)
     out = tmp_path / "bench"
     opts = ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96",
             "INPUT.MAX_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
@@ -160,7 +143,7 @@ def test_benchmark_on_coco_jsons(tmp_path, datasets_dir):
     assert "| baseline faster_rcnn_R18 |" in table and "val.json (tinycoco_eval)" in table
 
     # the evaluation json must list the same categories; the two options go together
-    other = _coco_json(tmp_path / "other.json", tmp_path / "img", 2, [{"id": 3, "name": "cell"}, {"id": 8, "name": "dot"}])
+    other = coco_json(tmp_path / "other.json", tmp_path / "img", 2, [{"id": 3, "name": "cell"}, {"id": 8, "name": "dot"}])
     with pytest.raises(SystemExit, match="different categories"):
         main(["--coco-train", tr, str(tmp_path / "img"), "--coco-eval", other, str(tmp_path / "img")] + common)
     with pytest.raises(SystemExit):

@@ -25,18 +25,25 @@ def _image(path, seed):
     cv2.imwrite(str(path), img)
 
 
+def coco_json(path, image_dir, n, cats):
+    """A tiny COCO json of ``n`` generated images under ``image_dir``: a box per category (up to two:
+    the image's rectangle, then its circle), category ids as given (need not be contiguous)."""
+    image_dir.mkdir(exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        _image(image_dir / f"{i}.jpg", i)
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": 128, "height": 96})
+        boxes = ([10, 20, 40, 50], [78, 28, 24, 24])
+        anns += [{"id": len(anns) + j + 1, "image_id": i + 1, "category_id": c["id"], "bbox": b,
+                  "area": b[2] * b[3], "iscrowd": 0} for j, (c, b) in enumerate(zip(cats, boxes))]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def coco_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("coco")
-    (d / "images").mkdir()
-    images, anns = [], []
-    for i in range(6):
-        _image(d / "images" / f"{i}.jpg", i)
-        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": 128, "height": 96})
-        anns += [{"id": 2 * i + 1, "image_id": i + 1, "category_id": 3, "bbox": [10, 20, 40, 50], "area": 2000, "iscrowd": 0},
-                 {"id": 2 * i + 2, "image_id": i + 1, "category_id": 7, "bbox": [78, 28, 24, 24], "area": 576, "iscrowd": 0}]
-    cats = [{"id": 3, "name": "cell"}, {"id": 7, "name": "dot"}]
-    (d / "train.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    coco_json(d / "train.json", d / "images", 6, [{"id": 3, "name": "cell"}, {"id": 7, "name": "dot"}])
     return d
 
 
