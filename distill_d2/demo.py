@@ -13,7 +13,8 @@ per seed (reused too with ``--reuse-runs``); evaluate; print and write a table
 (``results_<suite>.md`` / ``.json``: AP, AP50, AP75, APs/m/l, train s/iter) and
 ``predictions_<suite>.png`` (one column per model on val images, distilled
 students exported to plain checkpoints first). Every run is a ``train_net.py``
-subprocess whose log is ``<run>/log.txt``; progress lines (with ETA) are echoed.
+subprocess whose log is ``<run>/log.txt`` (its whole console output, tracebacks included:
+``<run>/console.txt``); progress lines (with ETA) are echoed.
 """
 import argparse
 import json
@@ -85,7 +86,11 @@ def run_train_net(config, out_dir, opts, label, cache=True, threads=None):
         how = "resuming from its last checkpoint" if "--resume" in argv else "training"
         print(f"[demo] {label}: {how} ({' '.join(map(str, opts))})", flush=True)
         t0 = time.time()
-        with open(os.path.join(out_dir, "log.txt"), "w") as log:
+        # the whole console output (tracebacks included) goes to console.txt; train_net.py itself writes the
+        # run's log to log.txt (both writing log.txt garbled it: lines overwritten, lost or twice)
+        console = os.path.join(out_dir, "console.txt")
+        with open(console, "a") as log:
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(map(str, argv))}\n")
             env = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they happen
             if threads and "OMP_NUM_THREADS" not in os.environ:
                 env["OMP_NUM_THREADS"] = str(threads)
@@ -96,7 +101,8 @@ def run_train_net(config, out_dir, opts, label, cache=True, threads=None):
                 if "eta:" in line or "Traceback" in line or "Error" in line or "Overall training speed" in line:
                     print(f"  [{label}] " + line.split("]: ", 1)[-1].strip()[:160], flush=True)
             if proc.wait() != 0:
-                raise RuntimeError(f"{label} failed; see {os.path.join(out_dir, 'log.txt')}")
+                raise RuntimeError(f"{label} failed; see {console} (its whole output; the run's log is "
+                                   f"{os.path.join(out_dir, 'log.txt')})")
         print(f"[demo] {label}: done in {time.time() - t0:.0f} s", flush=True)
     with open(res_file) as f:
         raw = json.load(f)
@@ -232,8 +238,24 @@ def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thres
             cv2.putText(vis, f"{label} (score >= {score_thresh:g})", (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7,
                         (255, 255, 255), 2)
             tiles.append(vis)
-        columns.append(np.concatenate(tiles, axis=0))
-    cv2.imwrite(out_png, np.concatenate(columns, axis=1)[:, :, ::-1])
+        columns.append(tiles)
+    cv2.imwrite(out_png, tile_grid(columns)[:, :, ::-1])
+
+
+def tile_grid(columns, fill=0):
+    """One image from ``columns`` (lists of HxWx3 uint8 tiles, one per row, the same count in each): every
+    tile centred in a cell of the largest tile's height and width, so images of mixed sizes and
+    orientations line up (the empty margin is ``fill``)."""
+    import numpy as np
+
+    tiles = [t for col in columns for t in col]
+    h, w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    grid = np.full((h * len(columns[0]), w * len(columns), 3), fill, dtype=np.uint8)
+    for j, col in enumerate(columns):
+        for i, t in enumerate(col):
+            y, x = i * h + (h - t.shape[0]) // 2, j * w + (w - t.shape[1]) // 2
+            grid[y:y + t.shape[0], x:x + t.shape[1]] = t
+    return grid
 
 
 # suite -> teacher config, baseline student config, {method: distillation config}

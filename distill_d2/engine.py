@@ -9,20 +9,21 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.modeling import build_model
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 
-from .checkpoint import DistillCheckpointer
+from .checkpoint import DistillCheckpointer, ModelMeta
 from .config import add_distill_config, flat_items, num_classes, num_classes_key
 from .data.checks import ACTIONS as CHECK_ACTIONS, NamedErrors, check_dataset_dicts
-from .data.resumable import ReseededMapDataset, ResumableTrainingSampler, TrainingState
+from .data.voc import VOCEvaluator, load_problems
+from .data.resumable import TrainingState, build_resumable_train_loader
 from .hooks import KDLossGuard, KDWeightScheduler, TeacherEvalHook
 
 logger = logging.getLogger(__name__)
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
-    """COCOEvaluator or PascalVOCDetectionEvaluator, chosen by ``cfg.TEST.EVALUATOR``.
+    """COCOEvaluator or VOCEvaluator (detectron2's Pascal-VOC AP), chosen by ``cfg.TEST.EVALUATOR``.
 
     "auto" follows the dataset metadata's ``evaluator_type``; "coco" works
     for any dataset (detectron2 converts it to COCO json on the fly).
@@ -32,8 +33,8 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
         kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
     if kind == "coco":
         return COCOEvaluator(dataset_name, output_dir=output_folder, tasks=("bbox",))
-    if kind == "pascal_voc":
-        return PascalVOCDetectionEvaluator(dataset_name)
+    if kind == "pascal_voc":  # (detectron2's, reading the annotations of any folder layout distill_d2 loads)
+        return VOCEvaluator(dataset_name)
     if kind == "coco+pascal_voc":
         return DatasetEvaluators([COCOEvaluator(dataset_name, output_dir=output_folder, tasks=("bbox",)),
                                   VOCAsSecondEvaluator(dataset_name)])
@@ -43,7 +44,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     )
 
 
-class VOCAsSecondEvaluator(PascalVOCDetectionEvaluator):
+class VOCAsSecondEvaluator(VOCEvaluator):
     """Pascal-VOC AP (AP50 = the VOC metric) reported under ``voc_bbox``, beside COCO's ``bbox``."""
 
     def evaluate(self):
@@ -86,9 +87,13 @@ class Trainer(DefaultTrainer):
             super().__init__(cfg)
         # same checkpointer object (the periodic-checkpoint hook holds it), plus torchvision ResNet weights
         self.checkpointer.__class__ = DistillCheckpointer
+        # MODEL.WEIGHTS of other classes (fine-tuning) only warns; a mis-fitting --resume checkpoint stops
+        self.checkpointer.expect_fit(cfg, cfg.DATASETS.TRAIN, mode="train")
         model = unwrap(self.model)
         self.checkpointer.add_checkpointable(
             "training_state", TrainingState(model, getattr(self._trainer.data_loader, "resumable", None)))
+        # class names and count, input settings (train datasets' metadata: loaded with the train loader)
+        self.checkpointer.add_checkpointable("model_meta", ModelMeta(cfg))
         if getattr(model, "is_distiller", False):
             from .teacher import TeacherFingerprint
 
@@ -116,9 +121,14 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"DATALOADER.CHECK.ACTION must be one of {CHECK_ACTIONS}, got {check.ACTION!r}.")
         kwargs = _train_loader_from_config(cfg)
         if check.ENABLED:
+            from .data.own import check_class_names
+
+            check_class_names(cfg.DATASETS.TRAIN)  # VOC classes found in the data: a very rare one is a likely typo
             dataset = check_dataset_dicts(
                 kwargs["dataset"], num_classes(cfg), decode=check.DECODE, action=check.ACTION,
-                min_box_size=check.MIN_BOX_SIZE, dataset_name=", ".join(cfg.DATASETS.TRAIN))
+                min_box_size=check.MIN_BOX_SIZE, dataset_name=", ".join(cfg.DATASETS.TRAIN),
+                extra_problems=[p for n in cfg.DATASETS.TRAIN for p in load_problems(n)],
+                workers=check.DECODE_WORKERS, distributed=True)
             if dataset is not kwargs["dataset"]:  # dropped: images emptied by it go too; sampler re-sized
                 if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
                     dataset = filter_images_with_only_crowd_annotations(dataset)
@@ -135,14 +145,11 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"DATALOADER.EXACT_RESUME needs SAMPLER_TRAIN TrainingSampler (got "
                              f"{cfg.DATALOADER.SAMPLER_TRAIN}); set DATALOADER.EXACT_RESUME False to use it.")
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-        sampler = ResumableTrainingSampler(len(kwargs["dataset"]), seed)
-        dataset = ReseededMapDataset(kwargs["dataset"], kwargs["mapper"], seed)
-        # seed: the DataLoader's own generator (its base seed is otherwise drawn from torch's global RNG at
-        # the first batch, which would shift the RPN/RoI sampling of a resumed run by one draw)
-        kwargs.update(dataset=dataset, mapper=None, sampler=sampler, seed=seed)
-        loader = build_detection_train_loader(**kwargs)
-        loader.resumable = (sampler, dataset)  # Trainer.resume_or_load moves them to the resumed position
-        return loader
+        # batches a pure function of (seed, iteration), aspect-ratio grouping included; loader.resumable is
+        # moved to the resumed iteration by Trainer.resume_or_load
+        return build_resumable_train_loader(
+            kwargs["dataset"], kwargs["mapper"], kwargs["total_batch_size"], seed,
+            kwargs["aspect_ratio_grouping"], kwargs["num_workers"])
 
     def resume_or_load(self, resume=True):
         """DefaultTrainer.resume_or_load; then the data stream continues where the checkpoint was taken
@@ -153,10 +160,11 @@ class Trainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         res = getattr(self._trainer.data_loader, "resumable", None)
         if res is not None:  # (its seed was restored with the checkpoint's TrainingState)
-            sampler = res[0]
-            sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+            batches = res[0]
+            batches.start = self.start_iter  # one batch per process per iteration
             if self.start_iter:
-                logger.info("Resuming the data stream at sample %d (seed %d).", sampler.start, sampler._seed)
+                logger.info("Resuming the data stream at batch %d (seed %d%s).", batches.start, batches.sampler._seed,
+                            ", aspect-ratio groups refilled by replaying the stream" if batches.groups else "")
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -165,12 +173,16 @@ class Trainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
+        from .hooks import LossGuard
+
         ret = super().build_hooks()
         model = unwrap(self.model)
+        # every detector: divergence (GUARD), distillation terms off scale (DISTILL.GUARD); before the
+        # checkpointer, so a tripped step is not saved
+        ret.insert(0, LossGuard(self.cfg))
         if getattr(model, "is_distiller", False):
             # first: lambda must be set before the step's forward
             ret.insert(0, KDWeightScheduler(self.cfg.DISTILL.DECAY, self.cfg.SOLVER.MAX_ITER))
-            ret.insert(1, KDLossGuard(self.cfg.DISTILL.GUARD))
             if self.cfg.DISTILL.TEACHER.EVAL_BEFORE_TRAIN:
                 ret.insert(1, TeacherEvalHook())
         keep = self.cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP
@@ -208,26 +220,29 @@ def load_cfg(config_file, opts=(), need_teacher=True):
     """Frozen config: detectron2 defaults + DISTILL keys, ``config_file``, then ``opts``
     (KEY VALUE pairs, any value type); the teacher's config path is resolved to absolute
     (a missing teacher config is an error only with ``need_teacher``)."""
-    from .teacher import resolve_config_path
+    from .cli import check_overrides
+    from .teacher import resolve_teacher_config_file
 
+    opts = check_overrides(opts)  # pairs, no flag among them (else: put flags before KEY VALUE overrides)
     cfg = get_cfg()
     add_distill_config(cfg)
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"Config file '{config_file}' not found.")
     with _explain_unknown_keys(cfg, config_file):
         cfg.merge_from_file(config_file)
-        cfg.merge_from_list([str(o) for o in opts])
-    from .data.own import register_from_cfg
+        cfg.merge_from_list(opts)
+    from .data.own import register_from_cfg, resolve_num_classes
 
     register_from_cfg(cfg)  # DATASETS.COCO / DATASETS.VOC, in every process that loads this config
+    resolve_num_classes(cfg)  # NUM_CLASSES -1: the training data's class count
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu).")
         cfg.MODEL.DEVICE = "cpu"
     if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
         try:
-            cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_config_path(
-                cfg.DISTILL.TEACHER.CONFIG_FILE, os.path.dirname(os.path.abspath(config_file))
-            )
+            # relative: next to the YAML of the _BASE_ chain that sets it; set in opts: from the cwd first
+            cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_teacher_config_file(
+                cfg.DISTILL.TEACHER.CONFIG_FILE, config_file, opts)
         except (FileNotFoundError, ValueError):
             if need_teacher:
                 raise
@@ -260,8 +275,8 @@ def check_class_count(cfg):
         if classes is not None and len(classes) != k:
             raise ValueError(
                 f"Dataset '{name}' has {len(classes)} classes ({', '.join(map(str, classes[:10]))}"
-                f"{', ...' if len(classes) > 10 else ''}) but {key} is {k}: set {key} {len(classes)} "
-                "(a distillation teacher follows the student's class count).")
+                f"{', ...' if len(classes) > 10 else ''}) but {key} is {k}: set {key} {len(classes)}, or -1 "
+                "to take it from the data (a distillation teacher follows the student's class count).")
 
 
 def is_distiller_arch(name):
@@ -296,13 +311,20 @@ def write_results(cfg, results, name="results.json"):
 
 def main(args):
     """Entry point of train_net.py (run in every launched process)."""
-    cfg = setup_cfg(args)
-    default_setup(cfg, args)
     from detectron2.utils.logger import setup_logger
 
+    from .cli import plain_config_dump, plain_console_logs, schedule_warnings, use_color
+
+    cfg = setup_cfg(args)
+    with plain_config_dump():  # no terminal escape codes in log.txt
+        default_setup(cfg, args)
+    plain_console_logs()  # and none on a redirected stdout
     # the project's own log lines (teacher loaded, terms, resume, data checks) on the console and in log.txt
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="distill_d2", abbrev_name="distill_d2")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="distill_d2", abbrev_name="distill_d2",
+                 color=use_color())
     logging.getLogger("distill_d2").propagate = True  # (setup_logger turns it off; handlers of the root stay usable)
+    for msg in schedule_warnings(cfg, args.config_file):  # e.g. MAX_ITER lowered below SOLVER.STEPS
+        logger.warning(msg)
     logging.getLogger("distill_d2").info("torch CPU threads: %d", torch.get_num_threads())
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:
@@ -314,13 +336,15 @@ def main(args):
 
             student_cfg = student_cfg_from(cfg, keep_weights=True)
             model = build_model(student_cfg)
-            checkpointer = StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            # a checkpoint that does not fit the model, DATASETS.TEST's classes or the input settings stops
+            checkpointer = StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).expect_fit(student_cfg)
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
             _warn_if_other_teacher(cfg, checkpointer.distill_teacher)
             cfg = student_cfg
         else:
             model = build_model(cfg)
-            DistillCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            DistillCheckpointer(model, save_dir=cfg.OUTPUT_DIR).expect_fit(cfg).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         write_results(cfg, res, "eval_results.json")
         return res

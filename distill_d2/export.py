@@ -4,16 +4,22 @@
         --input output/tar/model_final.pth --output output/tar/student.pth
 
 The output loads into the student's own YAML (MODEL.META_ARCHITECTURE
-GeneralizedRCNN / RetinaNet) with zero missing and zero unexpected keys;
-this is verified before writing.
+GeneralizedRCNN / RetinaNet) with zero missing, unexpected or mis-shaped
+keys; this is verified before writing (a class count other than the
+checkpoint's is an error naming the key to set). The output carries the
+checkpoint's ``model_meta`` (class names and count, input settings: see
+distill_d2/checkpoint.py), so ``--eval-only`` with the plain YAML checks the
+config and the evaluation data against it; a checkpoint without one (older
+runs) gets one made from the config.
 """
 import argparse
 import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+
+from .checkpoint import CheckpointFitError, DistillCheckpointer, model_meta, misfit_message
 
 logger = logging.getLogger(__name__)
 KD_PREFIX = "kd_"
@@ -24,8 +30,8 @@ def student_state_dict(state_dict):
     return {k: v for k, v in state_dict.items() if not k.startswith(KD_PREFIX)}
 
 
-class StudentCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that loads a distillation checkpoint into the plain student: the
+class StudentCheckpointer(DistillCheckpointer):
+    """DistillCheckpointer that loads a distillation checkpoint into the plain student: the
     ``kd_*`` entries (adapters) and the distillation-only states are dropped; the teacher
     fingerprint of the last file loaded is kept as ``distill_teacher`` (None if absent)."""
 
@@ -66,6 +72,7 @@ def export_student(cfg, input_path, output_path):
 
     Raises:
         KeyError: the exported keys do not exactly match the plain student model.
+        CheckpointFitError: a tensor's shape differs (e.g. another class count: the message names the key).
     """
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"Distillation checkpoint '{input_path}' not found.")
@@ -74,29 +81,42 @@ def export_student(cfg, input_path, output_path):
     scfg = student_cfg_from(cfg)
     scfg.defrost()
     scfg.MODEL.DEVICE = "cpu"
-    expected = set(build_model(scfg).state_dict().keys())
+    student = build_model(scfg)
+    model_sd = student.state_dict()
+    expected = set(model_sd)
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
         raise KeyError(
             f"Exported student does not match {scfg.MODEL.META_ARCHITECTURE} built from the config: "
             f"missing {missing}, unexpected {unexpected}. Is '{input_path}' a checkpoint of this config?"
         )
+    meta = ckpt.get("model_meta") if "model" in ckpt else None
+    shapes = [(k, tuple(sd[k].shape), tuple(model_sd[k].shape)) for k in sorted(expected)
+              if tuple(sd[k].shape) != tuple(model_sd[k].shape)]
+    if shapes:
+        raise CheckpointFitError(
+            misfit_message(input_path, shapes, [], student, meta, scfg, mode="export")
+            + " Give export the training run's config and overrides (KEY VALUE after the arguments).")
+    if meta is None:  # a checkpoint of an older run: what the config says (class names if known without loading data)
+        meta = model_meta(cfg, recorded_by="distill_d2.export, from the config (the checkpoint recorded none)")
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    torch.save({"model": sd, "__author__": "distill_d2.export", "source": os.path.abspath(input_path)}, output_path)
+    torch.save({"model": sd, "model_meta": meta, "__author__": "distill_d2.export",
+                "source": os.path.abspath(input_path)}, output_path)
     logger.info("Wrote student (%d tensors, %d kd_* entries dropped) to %s", len(sd),
                 len(ckpt.get("model", ckpt)) - len(sd), output_path)
     return len(sd)
 
 
 def main(argv=None):
+    from .cli import add_override_arguments, parse_args
     from .engine import load_cfg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="the distillation config the checkpoint was trained with")
     p.add_argument("--input", required=True, help="distillation checkpoint (model_final.pth)")
     p.add_argument("--output", required=True, help="where to write the student-only checkpoint")
-    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
-    args = p.parse_args(argv)
+    add_override_arguments(p)  # KEY VALUE overrides, bare or after --opts, after every flag
+    args = parse_args(p, argv)
     logging.basicConfig(level=logging.INFO)
     n = export_student(load_cfg(args.config_file, args.opts, need_teacher=False), args.input, args.output)
     print(f"exported {n} tensors -> {args.output}")

@@ -1,8 +1,10 @@
-"""Training hooks: the KD weight schedule lambda(iter) and a one-off teacher evaluation."""
+"""Training hooks: the KD weight schedule lambda(iter), the loss scale guard and a one-off teacher evaluation."""
 import logging
 import math
 import statistics
-from collections import defaultdict
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Optional
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -69,55 +71,271 @@ class KDWeightScheduler(HookBase):
             logger.info("iter: %d  kd_weight: %.4g  %s", it, h["kd_weight"].latest(), extra)
 
 
-class KDLossGuard(HookBase):
-    """Stops (``DISTILL.GUARD.ACTION error``) or warns when a ``loss_kd_*`` term is off scale.
+def is_det_loss(name):
+    """A detection loss of the logged dict (``loss_*`` but not a distillation term's ``loss_kd_*``)."""
+    return name.startswith("loss_") and not name.startswith("loss_kd_")
 
-    Reads the losses detectron2 logged for the step (main process; values divided by
-    lambda): at iteration 0 a term above ``MAX_RATIO_TO_DET`` x the summed detection
-    losses trips; after ``WARMUP_ITERS`` iterations a term above ``MAX_GROWTH`` x its
-    median over the warm-up trips.
+
+#: a distillation trip is diagnosed as the detector diverging once the detection losses grew this much
+DET_GROWN = 2.0
+#: iterations before det has a level (then the median of the last 5 .. GUARD.WINDOW): a divergence that
+#: starts within the first window must not set the reference
+MIN_SAMPLES = 5
+
+
+@dataclass
+class Trip:
+    """One decision of :class:`LossScaleGuard`."""
+    kind: str  #: "diverges" (the detection losses grew), "kd_ratio" or "kd_growth" (a distillation term)
+    term: Optional[str]  #: the distillation loss that tripped (None for "diverges")
+    iteration: int
+    action_key: str  #: the config key whose value (error / warn) decides what happens
+    message: str
+
+
+def _median(xs):
+    return statistics.median(xs)
+
+
+class LossScaleGuard:
+    """The loss guard's decisions: a pure function of the series of logged loss dicts.
+
+    Feed :meth:`update` the losses detectron2 logged at each iteration, in order from the
+    run's (or resume's) first one; it returns the checks that trip (``GUARD`` and
+    ``DISTILL.GUARD`` in distill_d2/config.py). Levels are medians over the last ``window``
+    iterations of magnitudes; every limit is relative to a level that cannot be near 0:
+
+    * the detector diverges: det (the summed detection losses) above ``max_growth`` x the
+      lowest level it had reached (at least ``min_level``);
+    * a distillation term (divided by lambda) above ``kd["max_ratio_to_det"]`` x det (at its
+      first iteration: its value), or above ``kd["max_growth"]`` x the larger of its own early
+      median and ``kd["growth_floor"]`` x det's first level (a gated term rising from ~0 is fine).
+
+    Args:
+        window, max_growth, min_level: ``GUARD.*``.
+        det_check: check the detector's divergence (``GUARD.ACTION`` not off).
+        kd: None (no distillation checks) or ``DISTILL.GUARD`` settings as a dict:
+            ``max_ratio_to_det``, ``warmup_iters``, ``max_growth``, ``growth_floor``.
+        weight_note: the distillation weights the config raises above their defaults
+            (:func:`kd_weight_note`), quoted in a distillation term's diagnosis.
     """
 
-    def __init__(self, guard_cfg):
-        from .terms import check_choice
+    def __init__(self, window=20, max_growth=5.0, min_level=0.2, det_check=True, kd=None, weight_note=""):
+        checks = [("GUARD.WINDOW", window, 1), ("GUARD.MAX_GROWTH", max_growth, 1), ("GUARD.MIN_LEVEL", min_level, 0)]
+        if kd is not None:
+            checks += [(f"DISTILL.GUARD.{k.upper()}", kd[k], lo) for k, lo in (
+                ("max_ratio_to_det", 1), ("warmup_iters", 1), ("max_growth", 1), ("growth_floor", 0))]
+        for key, v, lo in checks:
+            if not v >= lo:
+                raise ValueError(f"{key} must be >= {lo}, got {v}.")
+        self.window, self.max_growth, self.min_level = int(window), max_growth, min_level
+        self.det_check, self.kd, self.weight_note = det_check, kd, weight_note
+        self._det = deque(maxlen=self.window)  # det of the last `window` iterations (rescaled, see update)
+        self._parts = defaultdict(lambda: deque(maxlen=self.window))  # each detection loss
+        self._first = None  # det's first level (median of its first MIN_SAMPLES iterations)
+        self._low = None  # (det's lowest level, iteration, {loss: level} then)
+        self._norm0 = None  # a dense detector's first loss_normalizer
+        self._kd_early = defaultdict(list)
+        self._kd = defaultdict(lambda: deque(maxlen=self.window))
+        #: the last update's judged quantities, each next to its limit: "det_growth" (None during the first
+        #: window), {term: ratio to det} "kd_ratio", {term: level / reference} "kd_growth"
+        self.last = {}
 
-        check_choice("DISTILL.GUARD.ACTION", guard_cfg.ACTION, ("error", "warn", "off"))
-        self._cfg = guard_cfg
-        self._early = defaultdict(list)
-        self._tripped = set()
+    def _levels(self, d):
+        return {k: _median(v) for k, v in sorted(d.items()) if v}
+
+    def update(self, iteration, losses, kd_weight=1.0, loss_normalizer=None):
+        """Add one iteration's logged losses; return the list of :class:`Trip` (empty: in scale).
+
+        Args:
+            iteration: the trainer's iteration (quoted in the messages).
+            losses: {name: float} as logged (``loss_kd_*`` multiplied by lambda).
+            kd_weight: lambda of this iteration; the distillation terms are divided by it
+                (lambda <= 0: they are not checked).
+            loss_normalizer: a dense detector's ``loss_normalizer`` (the EMA of positive anchors its
+                losses are divided by, started at 100 by RetinaNet) after this step, or None. The
+                detection losses are judged x its value over its first one, so its drift does not
+                count (one object per image: it falls ~10x in the first ~30 iterations).
+        """
+        det_parts = {k: abs(float(v)) for k, v in losses.items() if is_det_loss(k)}
+        if not det_parts:
+            return []
+        if loss_normalizer is not None:
+            self._norm0 = self._norm0 or float(loss_normalizer)
+            det_parts = {k: v * float(loss_normalizer) / self._norm0 for k, v in det_parts.items()}
+        self._det.append(sum(det_parts.values()))
+        for k, v in det_parts.items():
+            self._parts[k].append(v)
+        growth = None
+        if len(self._det) >= min(MIN_SAMPLES, self.window):  # a level: the median of 5 to `window` iterations
+            level = _median(self._det)
+            if self._first is None:
+                self._first = level
+            if self._low is None or level < self._low[0]:
+                self._low = (level, iteration, self._levels(self._parts))
+            growth = level / max(self._low[0], self.min_level)
+        self.last = {"det_growth": growth, "kd_ratio": {}, "kd_growth": {}}
+
+        kd = {}
+        if self.kd is not None and kd_weight > 0:
+            kd = {k: abs(float(v)) / kd_weight for k, v in losses.items() if k.startswith("loss_kd_")}
+        for k, v in kd.items():
+            if len(self._kd_early[k]) < self.kd["warmup_iters"]:
+                self._kd_early[k].append(v)
+            self._kd[k].append(v)
+        if self.det_check and growth is not None and growth > self.max_growth:
+            # the detector diverges: that is the diagnosis, whatever the terms do
+            return [Trip("diverges", None, iteration, "GUARD.ACTION", self._diverges_msg(iteration, growth))]
+        trips = []
+        det_now = _median(self._det)
+        for k in sorted(kd):
+            now, n = _median(self._kd[k]), len(self._kd[k])
+            ratio = now / det_now if det_now > 0 else 0.0
+            self.last["kd_ratio"][k] = ratio
+            if ratio > self.kd["max_ratio_to_det"]:
+                what = f"{k} = {now:.4g}" + (f" (median of the last {n} iterations)" if n > 1 else "")
+                trips.append(self._kd_trip("kd_ratio", k, iteration, growth, (
+                    f"{what} at iteration {iteration} is {ratio:.3g}x the detection losses ({det_now:.4g}; limit "
+                    f"DISTILL.GUARD.MAX_RATIO_TO_DET = {self.kd['max_ratio_to_det']:g})")))
+                continue
+            if self._first is None or len(self._kd_early[k]) < self.kd["warmup_iters"]:
+                continue
+            early = _median(self._kd_early[k])
+            ref = max(early, self.kd["growth_floor"] * self._first)
+            self.last["kd_growth"][k] = now / ref
+            if now > self.kd["max_growth"] * ref:
+                trips.append(self._kd_trip("kd_growth", k, iteration, growth, (
+                    f"{k} rose to {now:.4g} (median of the last {n} iterations) at iteration {iteration}, "
+                    f"{now / ref:.3g}x its reference level {ref:.4g}, the larger of its median over its first "
+                    f"{self.kd['warmup_iters']} iterations ({early:.4g}) and DISTILL.GUARD.GROWTH_FLOOR = "
+                    f"{self.kd['growth_floor']:g} x the detection losses' first level ({self._first:.4g}) "
+                    f"(limit DISTILL.GUARD.MAX_GROWTH = {self.kd['max_growth']:g})")))
+        return trips
+
+    # -------------------------------------------------------------- messages
+    def _growth_parts(self):
+        """'loss_cls 0.52 -> 17' for each detection loss: its level at det's low point -> now."""
+        then, now = self._low[2], self._levels(self._parts)
+        return ", ".join(f"{k} {then[k]:.3g} -> {v:.3g}" for k, v in now.items() if k in then)
+
+    _FIX_DET = ("lower SOLVER.BASE_LR (or lengthen SOLVER.WARMUP_ITERS; keep SOLVER.CLIP_GRADIENTS on) and check "
+                "the data (boxes, class ids: DATALOADER.CHECK)")
+
+    def _diverges_msg(self, iteration, growth):
+        low, low_it, _ = self._low
+        msg = (f"Training diverges: the detection losses rose to {_median(self._det):.4g} at iteration {iteration} "
+               f"(sum of the loss_* terms, median of the last {len(self._det)} iterations), {growth:.3g}x the lowest "
+               f"level they had reached ({low:.4g} at iteration {low_it}"
+               + (f", floor GUARD.MIN_LEVEL = {self.min_level:g}" if low < self.min_level else "")
+               + f"; limit GUARD.MAX_GROWTH = {self.max_growth:g}): {self._growth_parts()}"
+               + (f" (x loss_normalizer / its first value {self._norm0:.3g}, so its drift does not count)"
+                  if self._norm0 else "") + ".")
+        kd = self._levels(self._kd)
+        if kd:
+            msg += " Distillation terms now (divided by lambda): " + ", ".join(f"{k} {v:.3g}" for k, v in kd.items())
+            msg += "."
+        msg += " The detector itself diverges: " + self._FIX_DET
+        if kd:
+            msg += ("; a distillation term weight far too large can drive the student off too"
+                    + (f" ({self.weight_note})" if self.weight_note else ""))
+        return msg + ". Set GUARD.ACTION warn (or off) to train on anyway."
+
+    def _kd_trip(self, kind, term, iteration, growth, what):
+        if growth is not None and growth >= DET_GROWN:
+            msg = (f"Training diverges: {what}, but the detection losses grew too ({growth:.3g}x the lowest level "
+                   f"they had reached: {self._growth_parts()}): the detector itself diverges and the distillation "
+                   f"term follows. {self._FIX_DET[0].upper()}{self._FIX_DET[1:]}.")
+        else:
+            seen = ("at the first iterations (the detection losses have no level yet)" if growth is None else
+                    f"while the detection losses are in scale ({growth:.2g}x the lowest level they had reached)")
+            teacher = ("teacher weights that do not belong to DISTILL.TEACHER.CONFIG_FILE (or loaded with "
+                       "DISTILL.TEACHER.STRICT_LOAD False), a missing or wrong adapter")
+            causes = (f"a term weight far too large ({self.weight_note}), or {teacher}" if self.weight_note
+                      else f"{teacher}, or a term weight far too large")  # what the config shows comes first
+            msg = f"Distillation loss out of scale: {what}, {seen}. Likely causes: {causes}."
+        return Trip(kind, term, iteration, "DISTILL.GUARD.ACTION",
+                    msg + " Set DISTILL.GUARD.ACTION warn (or off) to train on anyway.")
+
+
+def kd_weight_note(cfg):
+    """'the config sets DISTILL.FEAT.WEIGHT = 100 (default 1)': the DISTILL weights raised above
+    their defaults, for a distillation term's diagnosis ("" when none)."""
+    from .config import flat_items
+    from .terms import default_distill_node
+
+    default = dict(flat_items(default_distill_node()))
+    raised = [f"DISTILL.{k} = {v:g} (default {default[k]:g})" for k, v in flat_items(cfg.DISTILL)
+              if k.split(".")[-1].endswith("WEIGHT") and isinstance(v, (int, float)) and k in default
+              and v > default[k]]
+    return ("the config sets " + ", ".join(raised)) if raised else ""
+
+
+def guard_from_cfg(cfg):
+    """The :class:`LossScaleGuard` of a training config (distillation checks for a distiller)."""
+    from .engine import is_distiller_arch
+    from .terms import check_choice
+
+    g = cfg.GUARD
+    check_choice("GUARD.ACTION", g.ACTION, ACTIONS)
+    kd = None
+    if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
+        d = cfg.DISTILL.GUARD
+        check_choice("DISTILL.GUARD.ACTION", d.ACTION, ACTIONS)
+        if d.ACTION != "off":
+            kd = dict(max_ratio_to_det=d.MAX_RATIO_TO_DET, warmup_iters=d.WARMUP_ITERS, max_growth=d.MAX_GROWTH,
+                      growth_floor=d.GROWTH_FLOOR)
+    return LossScaleGuard(g.WINDOW, g.MAX_GROWTH, g.MIN_LEVEL, det_check=g.ACTION != "off", kd=kd,
+                          weight_note=kd_weight_note(cfg) if kd else "")
+
+
+ACTIONS = ("error", "warn", "off")
+
+
+class LossGuard(HookBase):
+    """Runs :class:`LossScaleGuard` on the losses logged at each step; stops the run (``FloatingPointError``)
+    or warns once per check and term, as ``GUARD.ACTION`` / ``DISTILL.GUARD.ACTION`` say.
+
+    Only the main process sees the logged losses: with several processes its decision is shared
+    (one small all_gather per step, when an action is "error"), so every process raises the same
+    error at the same iteration instead of the others waiting in the next step's all-reduce.
+    """
+
+    def __init__(self, cfg):
+        self.guard = guard_from_cfg(cfg)
+        self._actions = {"GUARD.ACTION": cfg.GUARD.ACTION}
+        if self.guard.kd is not None:
+            self._actions["DISTILL.GUARD.ACTION"] = cfg.DISTILL.GUARD.ACTION
+        self._active = self.guard.det_check or self.guard.kd is not None
+        self._sync = "error" in self._actions.values()
+        self._warned = set()
 
     def after_step(self):
-        if self._cfg.ACTION == "off" or not comm.is_main_process():
+        if not self._active:
             return
-        it = self.trainer.iter
-        latest = {k: v for k, (v, i) in self.trainer.storage.latest().items() if i == it}
-        lam = latest.get("kd_weight", 0.0)
-        if lam <= 0:
-            return
-        kd = {k: v / lam for k, v in latest.items() if k.startswith("loss_kd_")}
-        det = sum(v for k, v in latest.items() if k.startswith("loss_") and not k.startswith("loss_kd_"))
-        c = self._cfg
-        for k, v in kd.items():
-            if it == self.trainer.start_iter and det > 0 and v > c.MAX_RATIO_TO_DET * det:
-                self._trip(k, f"{k} = {v:.4g} at iteration {it} is {v / det:.3g}x the detection losses ({det:.4g}; "
-                              f"limit DISTILL.GUARD.MAX_RATIO_TO_DET = {c.MAX_RATIO_TO_DET:g})")
-            if len(self._early[k]) < c.WARMUP_ITERS:
-                self._early[k].append(v)
-                continue
-            base = statistics.median(self._early[k])
-            if base > 0 and v > c.MAX_GROWTH * base:
-                self._trip(k, f"{k} = {v:.4g} at iteration {it} is {v / base:.3g}x its median over the first "
-                              f"{c.WARMUP_ITERS} iterations ({base:.4g}; limit DISTILL.GUARD.MAX_GROWTH = {c.MAX_GROWTH:g})")
+        trip = None
+        if comm.is_main_process():
+            it = self.trainer.iter
+            latest = {k: v for k, (v, i) in self.trainer.storage.latest().items() if i == it}
+            losses = {k: v for k, v in latest.items() if k.startswith("loss_")}
+            if losses:
+                from .engine import unwrap
 
-    def _trip(self, term, what):
-        msg = (f"Distillation loss out of scale: {what}. Likely causes: teacher weights that do not belong to "
-               "DISTILL.TEACHER.CONFIG_FILE (or loaded with STRICT_LOAD False), a missing or wrong adapter, a "
-               "term weight far too large. Set DISTILL.GUARD.ACTION warn (or off) to train on anyway.")
-        if self._cfg.ACTION == "error":
-            raise FloatingPointError(msg)
-        if term not in self._tripped:  # warn once per term
-            self._tripped.add(term)
-            logger.warning(msg)
+                norm = getattr(unwrap(self.trainer.model), "loss_normalizer", None)  # dense detectors
+                trips = self.guard.update(it, losses, latest.get("kd_weight", 1.0), norm)
+                trip = next((t for t in trips if self._actions[t.action_key] == "error"), trips[0] if trips else None)
+        if self._sync and comm.get_world_size() > 1:
+            trip = next((t for t in comm.all_gather(trip) if t is not None), None)
+        if trip is None:
+            return
+        if self._actions[trip.action_key] == "error":
+            raise FloatingPointError(trip.message)
+        if (trip.kind, trip.term) not in self._warned:  # warn once per check and term
+            self._warned.add((trip.kind, trip.term))
+            logger.warning(trip.message)
+
+
+#: the guard's former name (distillation runs only); the hook now serves every detector
+KDLossGuard = LossGuard
 
 
 class TeacherEvalHook(HookBase):

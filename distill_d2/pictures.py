@@ -38,6 +38,8 @@ FONT_SCALE = 0.5  # largest text scale (shrunk to fit narrow images)
 
 # ------------------------------------------------------------------ command line
 def parse_args(argv=None):
+    from .cli import add_override_arguments, parse_args as parse_cli
+
     p = argparse.ArgumentParser(prog="python -m distill_d2.pictures", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="a distillation preset (DistillGeneralizedRCNN / "
@@ -51,17 +53,15 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder for the PNGs")
     p.add_argument("--contact-sheet", action=argparse.BooleanOptionalAction, default=True,
                    help="also write overview.png with every map (default on)")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                   help="config KEY VALUE pairs (MODEL.DEVICE is cpu unless given here)")
-    return p.parse_args(argv)
+    # config KEY VALUE pairs, bare or after --opts, after every flag (MODEL.DEVICE is cpu unless given)
+    add_override_arguments(p)
+    return parse_cli(p, argv)
 
 
 def load_distill_cfg(config_file, opts):
     """The frozen config (``engine.load_cfg``; MODEL.DEVICE cpu unless ``opts`` sets it); must be a distiller."""
     from .engine import is_distiller_arch, load_cfg
 
-    if len(opts) % 2:
-        raise ValueError(f"--opts takes KEY VALUE pairs, got {len(opts)} items: {opts}")
     cfg = load_cfg(config_file, ["MODEL.DEVICE", "cpu"] + list(opts))
     if not is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
         raise ValueError(
@@ -311,9 +311,10 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
     import distill_d2  # noqa: F401  (meta-archs, terms, datasets)
+    from .cli import use_color
 
-    setup_logger(name="fvcore")  # missing / unexpected checkpoint keys
-    setup_logger(name="distill_d2", abbrev_name="distill_d2")
+    setup_logger(name="fvcore", color=use_color())  # missing / unexpected checkpoint keys
+    setup_logger(name="distill_d2", abbrev_name="distill_d2", color=use_color())
     args = parse_args(argv)
     cfg = load_distill_cfg(args.config_file, args.opts)
     d, img, classes = load_sample(cfg, args.image, args.dataset, args.index)

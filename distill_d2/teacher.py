@@ -23,16 +23,18 @@ class TeacherError(ValueError):
 
 
 def resolve_config_path(path, config_dir=None):
-    """Absolute path of ``path``: tried next to ``config_dir`` first, then from the cwd."""
+    """Absolute path of ``path``: tried next to ``config_dir`` (a folder or a list of folders, in
+    order) first, then from the cwd, then as a detectron2 model-zoo name."""
     if not path:
         raise TeacherError(
             "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's detectron2 YAML."
         )
     candidates = [path] if os.path.isabs(path) else []
     if not candidates:
-        if config_dir:
-            candidates.append(os.path.join(config_dir, path))
-        candidates.append(os.path.abspath(path))
+        dirs = [config_dir] if isinstance(config_dir, str) else list(config_dir or [])
+        candidates = [os.path.join(d, path) for d in dirs if d]
+        if os.path.abspath(path) not in map(os.path.abspath, candidates):
+            candidates.append(os.path.abspath(path))
     for c in candidates:
         if os.path.isfile(c):
             return os.path.abspath(c)
@@ -46,6 +48,50 @@ def resolve_config_path(path, config_dir=None):
         f"Teacher config '{path}' not found (looked at: {', '.join(candidates)}, and the detectron2 model zoo). "
         "Fix DISTILL.TEACHER.CONFIG_FILE."
     )
+
+
+def file_that_sets(config_file, key):
+    """The file of ``config_file``'s ``_BASE_`` chain whose value of the dotted ``key`` the merged config
+    holds: the file itself if it sets it, else its bases (the last listed first, as detectron2 merges
+    them), recursively. None when no file sets it (or a base cannot be read)."""
+    import yaml
+
+    try:
+        with open(config_file) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    node = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            break
+    else:
+        return config_file
+    bases = data.get("_BASE_") if isinstance(data, dict) else None
+    for base in reversed(bases if isinstance(bases, list) else [bases] if bases else []):
+        base = os.path.expanduser(str(base))
+        if base.startswith(("http://", "https://")):
+            continue
+        found = file_that_sets(os.path.join(os.path.dirname(config_file), base), key)
+        if found:
+            return found
+    return None
+
+
+def resolve_teacher_config_file(path, config_file, opts=()):
+    """Absolute path of DISTILL.TEACHER.CONFIG_FILE ``path`` of the config ``config_file`` + ``opts``.
+
+    A relative path is looked up next to the YAML that sets it (in a ``_BASE_`` chain, the file the
+    value comes from, so a user YAML with ``_BASE_: <a preset>`` keeps the preset's teacher), then
+    from the cwd; given in the command-line ``opts``, from the cwd first, then next to ``config_file``.
+    """
+    keys = [str(k) for k in list(opts)[0::2]]
+    config_dir = os.path.dirname(os.path.abspath(config_file))
+    if "DISTILL.TEACHER.CONFIG_FILE" in keys:
+        return resolve_config_path(path, [os.getcwd(), config_dir])
+    setter = file_that_sets(os.path.abspath(config_file), "DISTILL.TEACHER.CONFIG_FILE")
+    return resolve_config_path(path, os.path.dirname(setter) if setter else config_dir)
 
 
 #: teacher settings taken from the student config unless DISTILL.TEACHER.OPTS sets them

@@ -22,6 +22,8 @@ Class attributes a term declares:
   an error, so a setting cannot be silently ignored;
 * ``add_config(distill_node)`` (optional classmethod): declares the term's own
   keys with defaults; called by ``add_distill_config`` for every registered term.
+* ``nonnegative``: ``DISTILL`` keys (patterns) that must be finite and >= 0 beyond
+  the ones every term gets checked: any key named ``*WEIGHT`` / ``*WEIGHTS``.
 
 See docs/ADDING_A_METHOD.md for a worked example.
 """
@@ -47,6 +49,10 @@ Distillation terms (``nn.Module``): ``Term(cfg, ctx)``; ``forward(record) -> (lo
 FAMILY_NAMES = {"rcnn": "Faster R-CNN (DistillGeneralizedRCNN)", "dense": "RetinaNet (DistillRetinaNet)"}
 #: DISTILL keys every distiller reads itself (not owned by a term).
 COMMON_KEYS = ("TEACHER.*", "DECAY.*", "GUARD.*", "TERMS", "UNUSED_KEYS")
+#: DISTILL keys that must be finite and >= 0 besides every key whose name ends with WEIGHT or WEIGHTS
+#: (loss weights, checked for every term): the decay's end value and step factor. A term declares
+#: more in its ``nonnegative`` attribute (fnmatch patterns).
+NONNEGATIVE_KEYS = ("DECAY.END_VALUE", "DECAY.GAMMA")
 
 
 class DistillConfigError(ValueError):
@@ -71,6 +77,8 @@ class DistillTerm(nn.Module):
     families = ("rcnn", "dense")
     needs = frozenset()
     reads = ()
+    #: DISTILL keys (fnmatch patterns) that must be finite and >= 0, beyond the ``*WEIGHT(S)`` keys
+    nonnegative = ()
     #: old checkpoint prefix of this term's adapters (``kd_adapters`` / ``kd_bb_adapters``), upgraded on load
     legacy_prefix = None
 
@@ -184,8 +192,41 @@ def build_terms(cfg, ctx):
                 f"({FAMILY_NAMES[ctx.family]}). Use a teacher of the same family, or only feature terms "
                 "(e.g. FeatureKD, DecoupledFeatureKD) for cross-family pairs."
             )
+    check_weights(cfg.DISTILL, classes)
     check_unread_keys(cfg, names, classes)
     return nn.ModuleDict({n: cls(cfg, ctx) for n, cls in zip(names, classes)})
+
+
+def is_weight_key(key, classes=()):
+    """True for a DISTILL ``key`` that must be finite and >= 0: its name ends with WEIGHT or WEIGHTS, or it
+    matches NONNEGATIVE_KEYS or the ``nonnegative`` patterns of a term class in ``classes``."""
+    name = key.rsplit(".", 1)[-1]
+    patterns = list(NONNEGATIVE_KEYS) + [p for c in classes for p in getattr(c, "nonnegative", ())]
+    return name.endswith(("WEIGHT", "WEIGHTS")) or any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def check_weights(distill_node, classes=()):
+    """Every weight of every DISTILL key (:func:`is_weight_key`; lists element by element; file paths such as
+    TEACHER.WEIGHTS skipped) is a finite number >= 0, else DistillConfigError naming the key: a negative weight turns a loss into a reward
+    the optimizer drives to -inf (the total loss falls without bound while training looks fine)."""
+    import math
+
+    from .config import flat_items
+
+    for key, value in flat_items(distill_node):
+        if not is_weight_key(key, classes) or isinstance(value, str):  # (a str: a file, TEACHER.WEIGHTS)
+            continue
+        for x in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise DistillConfigError(f"DISTILL.{key} = {value!r}: a weight must be a number >= 0.")
+            if not math.isfinite(x):
+                raise DistillConfigError(f"DISTILL.{key} = {value!r} is not finite: set a weight >= 0 "
+                                         "(0 switches the term's part off).")
+            if x < 0:
+                raise DistillConfigError(
+                    f"DISTILL.{key} = {value!r} is negative: a negative weight rewards the loss it scales (the "
+                    "optimizer drives it to -inf). Set a weight >= 0 (0 switches that part off; to weaken a term, "
+                    "use a smaller positive weight).")
 
 
 def _alternatives(name, family):

@@ -77,3 +77,21 @@ def test_student_and_teacher_weights_from_torchvision(tmp_path, teacher_ckpt):
                                  "DISTILL.TEACHER.OPTS", "['MODEL.RESNETS.DEPTH', 18]"))
     with pytest.raises(TeacherError, match="missing keys: .*roi_heads"):
         model.setup_teacher()
+
+
+def test_retinanet_class_count_is_read_off_the_head_and_named(make_ckpt, caplog):
+    """No model_meta (a plain DetectionCheckpointer file): the count comes from cls_score (anchors x K rows)."""
+    from distill_d2.checkpoint import CheckpointFitError
+
+    two = make_ckpt("retinanet_R18_student.yaml", "MODEL.RETINANET.NUM_CLASSES", "2")
+    cfg = tiny_cfg("retinanet_R18_student.yaml")  # 6 classes
+    with pytest.raises(CheckpointFitError, match=r"predicts 2 classes but MODEL.RETINANET.NUM_CLASSES is 6: "
+                       r"set MODEL.RETINANET.NUM_CLASSES 2.*head.cls_score.weight \(checkpoint \(18, "):
+        DistillCheckpointer(build_model(cfg)).expect_fit(cfg, datasets=()).load(two)
+    # while training (fine-tuning on other classes) the same file only warns, and the rest loads
+    model = build_model(cfg)
+    with caplog.at_level("WARNING", logger="distill_d2.checkpoint"):
+        DistillCheckpointer(model).expect_fit(cfg, cfg.DATASETS.TRAIN, mode="train").load(two)
+    assert "predicts 2 classes, the model 6 (MODEL.RETINANET.NUM_CLASSES)" in caplog.text
+    sd = torch.load(two, weights_only=False)["model"]
+    assert torch.equal(model.head.bbox_pred.weight, sd["head.bbox_pred.weight"])

@@ -213,7 +213,8 @@ def test_clean_dicts_pass_unchanged(bad_set, caplog):
         assert check_dataset_dicts(clean, NUM_CLASSES, decode=True, dataset_name="clean") is clean
     records = [r for r in caplog.records if r.name == LOGGER]
     assert len(records) == 1 and records[0].levelno == logging.INFO
-    assert "3 images, 6 annotations, images decoded, no problems" in records[0].getMessage()
+    assert re.search(r"3 images, 6 annotations, images decoded in [\d.]+ s: \d+ images/s, \d+ thread\(s\), "
+                     "no problems", records[0].getMessage())
 
 
 def test_named_errors():
@@ -244,7 +245,7 @@ def test_train_stops_before_training_on_bad_data(bad_set, tmp_path):
     with pytest.raises(ValueError) as e:
         run_main(tmp_path, bad_set)
     assert {k for _, _, k in _problems(str(e.value))} == {
-        "nonpositive_size", "too_small", "outside_image", "bad_category"}  # DECODE is off by default
+        "nonpositive_size", "too_small", "outside_image", "bad_category", "unreadable_image"}  # DECODE: on by default
     assert not (tmp_path / "metrics.json").exists()  # no iteration ran
 
 
@@ -264,3 +265,147 @@ def test_train_without_check_names_the_corrupt_file(truncated_set, tmp_path):
 def test_train_rejects_an_unknown_action(tmp_path):
     with pytest.raises(ValueError, match="DATALOADER.CHECK.ACTION must be one of"):
         run_main(tmp_path, "synthetic_tiny_train", "DATALOADER.CHECK.ACTION", "warn")
+
+
+# --------------------------------------------------------------------------- decoding (DATALOADER.CHECK.DECODE)
+def _pil_full_load_fails(path):
+    from PIL import Image, ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return False
+    except Exception:
+        return True
+
+
+@pytest.mark.parametrize("ext, params", [(".jpg", []), (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]), (".png", [])])
+def test_fast_decode_finds_a_truncation_wherever_a_full_decode_does(tmp_path, ext, params):
+    from distill_d2.data.checks import decode_image
+    from messy_data import draw
+
+    good = str(tmp_path / f"good{ext}")
+    cv2.imwrite(good, draw(200, 150, [(0, (20, 30, 90, 100)), (1, (100, 20, 180, 120))], 0), params)
+    assert decode_image(good) == (None, (200, 150))
+    data = open(good, "rb").read()
+    failed = 0
+    for k, frac in enumerate(np.linspace(0.02, 0.995, 40)):
+        cut = str(tmp_path / f"cut{k}{ext}")
+        with open(cut, "wb") as f:
+            f.write(data[: int(len(data) * frac)])
+        reason, _ = decode_image(cut)
+        assert (reason is not None) == _pil_full_load_fails(cut), (frac, reason)  # what training's reader does
+        failed += reason is not None
+    assert failed >= 35  # (a JPEG cut within its last bytes may still decode fully, as in PIL)
+
+
+def test_size_mismatch_and_exif_orientation(tmp_path):
+    """An image whose size is not its record's is a problem (detectron2 would stop mid-run); an EXIF-rotated
+    photo is measured upright, as detectron2 reads it."""
+    from messy_data import make_voc
+
+    v = make_voc(str(tmp_path / "v"), n=6, exif_rotated=5, png_every=0)
+    rotated, plain = v.images[v.ids[5]], v.images[v.ids[0]]
+    from PIL import Image
+
+    assert Image.open(rotated).size == (96, 128) and v.sizes[v.ids[5]] == (128, 96)  # stored sideways
+    recs = [{"file_name": rotated, "width": 128, "height": 96, "annotations": []},
+            {"file_name": plain, "width": 96, "height": 128, "annotations": []}]  # (plain is 128x96)
+    with pytest.raises(ValueError) as e:
+        check_dataset_dicts(recs, NUM_CLASSES, decode=True, dataset_name="sizes")
+    assert _problems(str(e.value)) == {("img_000.jpg", None, "size_mismatch")}
+    assert "the image is 128x96 (width x height) but the record says 96x128" in str(e.value)
+    assert "resized or rotated after it was annotated" in str(e.value)
+    out = check_dataset_dicts(recs, NUM_CLASSES, decode=True, action="drop")
+    assert [d["file_name"] for d in out] == [rotated]
+
+
+def test_decode_threads_agree_and_log_progress(tmp_path, monkeypatch, caplog):
+    from distill_d2.data import checks
+    from messy_data import make_jpegs
+
+    paths = make_jpegs(str(tmp_path / "j"), 12, size=(64, 48))
+    data = open(paths[3], "rb").read()
+    open(paths[3], "wb").write(data[:300])
+    one = checks.decode_all(paths, workers=1)
+    monkeypatch.setattr(checks, "PROGRESS_EVERY", 0.0)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        three = checks.decode_all(paths, workers=3)
+    assert one == three and [r is None for r, _ in one] == [i != 3 for i in range(12)]
+    assert "Decoding images to check them (DATALOADER.CHECK.DECODE): 12 / 12" in caplog.text
+
+
+def _sharded_worker(rank, world, port, dicts, q):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        check_dataset_dicts(dicts, NUM_CLASSES, decode=True, distributed=True, dataset_name="sharded")
+        q.put((rank, "no error"))
+    except ValueError as e:
+        q.put((rank, str(e)))
+    dist.destroy_process_group()
+
+
+def test_launched_processes_share_the_decoding_and_all_report_every_problem(tmp_path):
+    import torch.multiprocessing as mp
+    from detectron2.engine.launch import _find_free_port
+
+    from messy_data import make_jpegs
+
+    paths = make_jpegs(str(tmp_path / "j"), 6, size=(64, 48))
+    for i in (1, 2):  # one in each process's share
+        open(paths[i], "wb").write(open(paths[i], "rb").read()[:200])
+    dicts = [{"file_name": p, "width": 64, "height": 48, "annotations": []} for p in paths]
+    ctx = mp.get_context("spawn")
+    q, port = ctx.Queue(), _find_free_port()
+    procs = [ctx.Process(target=_sharded_worker, args=(r, 2, port, dicts, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    for rank in (0, 1):
+        assert _problems(got[rank]) == {("00001.jpg", None, "unreadable_image"),
+                                        ("00002.jpg", None, "unreadable_image")}, got[rank]
+        assert "thread(s) in each of 2 processes" in got[rank]
+
+
+def test_named_errors_point_image_errors_to_the_check():
+    def mapper(d):
+        raise (OSError("image file is truncated") if d["image_id"] == 1 else KeyError("annotations"))
+
+    with pytest.raises(RuntimeError) as e:
+        NamedErrors(mapper)({"file_name": "a.jpg", "image_id": 1})
+    assert "DATALOADER.CHECK.DECODE True" in str(e.value) and "DATALOADER.CHECK.ACTION drop" in str(e.value)
+    with pytest.raises(RuntimeError) as e:
+        NamedErrors(mapper)({"file_name": "a.jpg", "image_id": 2})
+    assert "DATALOADER.CHECK" not in str(e.value)  # not an image error: no misleading hint
+
+
+def _messy_train(tmp_path, prefix, **kw):
+    """DATASETS.VOC options for a messy VOC folder whose 'train' split is every image."""
+    from messy_data import make_voc
+
+    n = kw.pop("n", 6)
+    v = make_voc(str(tmp_path / prefix), n=n, splits={"train": range(n)}, **kw)
+    return v, ["DATASETS.VOC", str([[prefix, v.root]]), "MODEL.ROI_HEADS.NUM_CLASSES", "-1"]
+
+
+def test_truncated_jpeg_stops_before_training_by_default(tmp_path):
+    v, opts = _messy_train(tmp_path, "trunc_voc", truncate=4)
+    with pytest.raises(ValueError) as e:
+        run_main(tmp_path / "out", "trunc_voc_train", *opts)
+    assert _problems(str(e.value)) == {(os.path.basename(v.truncated), None, "unreadable_image")}
+    assert "truncated" in str(e.value) and v.truncated in str(e.value)
+    assert not (tmp_path / "out" / "metrics.json").exists()  # no iteration ran
+
+
+def test_without_decode_the_runtime_error_names_the_keys(tmp_path):
+    v, opts = _messy_train(tmp_path, "trunc_only", n=1, truncate=0)  # the training set is the truncated image
+    with pytest.raises(RuntimeError) as e:
+        run_main(tmp_path / "out", "trunc_only_train", *opts, "DATALOADER.CHECK.DECODE", "False")
+    msg = str(e.value)
+    assert v.truncated in msg and "truncated" in msg
+    assert "DATALOADER.CHECK.DECODE True" in msg and "DATALOADER.CHECK.ACTION drop" in msg

@@ -1,9 +1,11 @@
 """The demo's building blocks: a cached train_net run, timing, the results table."""
 import json
 import os
+import re
 
 from conftest import SYN, TINY_OPTS
-from distill_d2.demo import finished_with_config, fmt_seed_gains, fmt_table, plot_results, run_train_net, seconds_per_iter
+from distill_d2.demo import (draw_predictions, finished_with_config, fmt_seed_gains, fmt_table, plot_results,
+                             run_train_net, seconds_per_iter, tile_grid)
 
 
 def test_seconds_per_iter_skips_first_window(tmp_path):
@@ -46,7 +48,16 @@ def test_run_train_net_trains_then_reuses(tmp_path, datasets_dir, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     res, s_iter = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), out, opts, "tiny", threads=1)
     assert set(res) >= {"AP", "AP50", "APl"} and os.path.isfile(os.path.join(out, "log.txt"))
-    assert "torch CPU threads: 1" in open(os.path.join(out, "log.txt")).read()  # its share of the cores, not all
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "torch CPU threads: 1" in log  # its share of the cores, not all
+    # log.txt has one writer (train_net.py's logger): each line once, in the file format, no colour codes;
+    # the demo's capture of the whole console output (tracebacks included) is console.txt
+    records = [ln for ln in log.splitlines() if ln.startswith("[")]
+    assert len(records) > 20 and len(set(records)) == len(records)
+    assert all(re.match(r"\[\d\d/\d\d \d\d:\d\d:\d\d\] \S+ [A-Z]+: ", ln) for ln in records), records[:3]
+    assert log.count("Starting training from iteration 0") == 1 and "\x1b[" not in log
+    console = open(os.path.join(out, "console.txt")).read()
+    assert "Command Line Args:" in console and "\x1b[" not in console
     mtime = os.path.getmtime(os.path.join(out, "model_final.pth"))
     res2, _ = run_train_net(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), out, opts, "tiny")
     assert res2 == res and os.path.getmtime(os.path.join(out, "model_final.pth")) == mtime
@@ -86,7 +97,7 @@ def test_interrupted_run_is_resumed_from_its_checkpoint(tmp_path, datasets_dir):
     (out / "last_checkpoint").write_text("model_0000001.pth")
     res, _ = run_train_net(cfg, str(out), opts, "tiny", cache=False)
     log = (out / "log.txt").read_text()
-    assert "Resuming the data stream at sample 4" in log and (out / "model_final.pth").is_file() and "AP" in res
+    assert "Resuming the data stream at batch 2" in log and (out / "model_final.pth").is_file() and "AP" in res
 
 
 def test_benchmark_on_a_voc_folder_by_stage(tmp_path, datasets_dir):
@@ -148,3 +159,40 @@ def test_benchmark_on_coco_jsons(tmp_path, datasets_dir):
         main(["--coco-train", tr, str(tmp_path / "img"), "--coco-eval", other, str(tmp_path / "img")] + common)
     with pytest.raises(SystemExit):
         main(["--coco-train", tr, str(tmp_path / "img")] + common)
+
+
+def test_tile_grid_centres_tiles_of_mixed_sizes():
+    import numpy as np
+
+    a, b, c = (np.full((h, w, 3), v, np.uint8) for h, w, v in ((4, 6, 10), (6, 2, 20), (2, 2, 30)))
+    grid = tile_grid([[a, b], [c, a]])
+    assert grid.shape == (12, 12, 3)  # cells of the largest height (6) and width (6)
+    assert (grid[1:5, 0:6] == 10).all() and (grid[0] == 0).all()  # a, centred vertically in its cell
+    assert (grid[6:12, 2:4] == 20).all() and (grid[6:12, 0:2] == 0).all()  # b, centred horizontally
+    assert (grid[2:4, 8:10] == 30).all() and (grid[7:11, 6:12] == 10).all()
+
+
+def test_draw_predictions_on_images_of_mixed_sizes(tmp_path, make_ckpt):
+    """Portrait, landscape and small images (.png and .jpg): one column per model, rows aligned."""
+    import cv2
+    import numpy as np
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = "demo_mixed_sizes_val"
+    dicts = []
+    for i, (w, h, ext) in enumerate(((96, 128, "png"), (128, 96, "jpg"), (60, 40, "png"))):
+        img = np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        path = str(tmp_path / f"IMG_{i}.{ext}")
+        cv2.imwrite(path, img)
+        dicts.append({"file_name": path, "image_id": i, "height": h, "width": w, "annotations": []})
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(thing_classes=[f"c{k}" for k in range(6)])
+    ckpt = make_ckpt("faster_rcnn_R18_student.yaml")
+    out = str(tmp_path / "pred.png")
+    draw_predictions(os.path.join(SYN, "faster_rcnn_R18_student.yaml"), {"baseline": ckpt, "TAR": ckpt}, out,
+                     n_images=3, score_thresh=0.0, opts=TINY_OPTS + ["DATASETS.TEST", f"('{name}',)"])
+    # tiles: 192x256, 256x192, 120x80 (x2, at most 512 px) -> cells of 256 x 256, 3 rows x 2 columns
+    assert cv2.imread(out).shape == (3 * 256, 2 * 256, 3)

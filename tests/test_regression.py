@@ -130,7 +130,10 @@ def test_preset_losses_match_snapshot(case, make_ckpt):
         want = json.load(f)[case]
     got = case_losses(case, make_ckpt)
     assert sorted(got) == sorted(want), f"loss names changed: {sorted(got)} vs {sorted(want)}"
-    bad = {k: (got[k], want[k]) for k in want if got[k] != pytest.approx(want[k], rel=1e-6, abs=1e-9)}
+    # rel 1e-5: float32 sums over thousands of elements differ by ~10 ulp between CPUs / thread counts
+    # (measured 1.4e-6 for defeat_proposals_backbone's loss_kd_cls_bg on an AMD EPYC with 2 threads);
+    # a formula change moves a loss by far more
+    bad = {k: (got[k], want[k]) for k in want if got[k] != pytest.approx(want[k], rel=1e-5, abs=1e-9)}
     assert not bad, f"{case}: losses differ from the snapshot (got, want): {bad}"
 
 

@@ -1,4 +1,5 @@
-"""train_net.py end to end on tiny synthetic data: train, checkpoint, eval-only, 2-process CPU launch."""
+"""train_net.py end to end on tiny synthetic data: train, checkpoint, eval-only, 2-process CPU launch, a
+redirected run's logs (plain text, each line once, the LR-schedule warning)."""
 import json
 import os
 import subprocess
@@ -63,3 +64,50 @@ def test_two_process_cpu_launch(tmp_path, datasets_dir):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert (tmp_path / "model_final.pth").is_file()
     assert "World size: 2" in p.stdout + p.stderr
+
+
+def record_lines(text):
+    """The log-record lines of a detectron2 log ('[05/01 12:00:00] d2.engine INFO: ...')."""
+    return [ln for ln in text.splitlines() if ln.startswith("[") and "] " in ln]
+
+
+def test_redirected_run_is_plain_text_logged_once_and_warns_about_the_lr_schedule(tmp_path, datasets_dir):
+    """stdout to a pipe (like `> log`): no terminal escape codes on it nor in log.txt (detectron2 colours
+    the config dump it logs), every log line once in log.txt; the overrides after --opts; MAX_ITER
+    below SOLVER.STEPS is a warning with the steps to set."""
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_dir), OMP_NUM_THREADS="1")
+    for k in ("FORCE_COLOR", "NO_COLOR", "ANSI_COLORS_DISABLED"):
+        env.pop(k, None)
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
+           os.path.join(SYN, "faster_rcnn_R18_student.yaml"), "--opts"] + TINY_OPTS + [
+        "DATASETS.TEST", "()", "SOLVER.STEPS", "(5, 8)", "OUTPUT_DIR", str(tmp_path)]
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert p.stdout.count("\x1b[") == 0 and log.count("\x1b[") == 0
+    assert "Running with full config:" in log and "torch CPU threads: 1" in log
+    records = record_lines(log)
+    dup = sorted({ln for ln in records if records.count(ln) > 1})
+    assert len(records) > 20 and not dup, dup
+    warning = ("SOLVER.MAX_ITER is 2 but SOLVER.STEPS (5, 8) has step(s) [5, 8] at or after it: the learning "
+               "rate never decays [5, 8]. Set SOLVER.STEPS \"(1,)\" (at 75% and 92% of MAX_ITER)")
+    assert warning in p.stdout and warning in log
+
+
+def test_plain_console_formatter_when_stdout_is_not_a_terminal(capsys, monkeypatch):
+    """detectron2's default_setup configures its stdout handlers with colour whatever stdout is."""
+    import logging
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+
+    from detectron2.utils.logger import _ColorfulFormatter, setup_logger
+
+    from distill_d2.cli import plain_console_logs, use_color
+
+    assert not use_color()  # (pytest captures stdout)
+    logger = setup_logger(name="distill_d2_colour_probe", color=True)
+    assert isinstance(logger.handlers[0].formatter, _ColorfulFormatter)
+    plain_console_logs(names=("distill_d2_colour_probe",))
+    assert type(logger.handlers[0].formatter) is logging.Formatter
+    logger.warning("careful")
+    assert "distill_d2_colour_probe WARNING: careful" in capsys.readouterr().out

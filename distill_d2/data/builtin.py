@@ -1,14 +1,16 @@
 """Registration helpers for real datasets (COCO json or Pascal-VOC layout).
 
-Thin wrappers over detectron2's own loaders (``register_coco_instances`` and
-``register_pascal_voc``) so that a dataset with its own class names, e.g.
-BCCD (RBC/WBC/Platelets), is one call away. See datasets/README.md.
+``register_coco`` wraps detectron2's ``register_coco_instances``; ``register_voc`` registers a
+Pascal-VOC folder with distill_d2's own VOC loader (``distill_d2/data/voc.py``: detectron2's dicts,
+from any common folder layout, .jpg or .png images), so that a dataset with its own class names,
+e.g. BCCD (RBC/WBC/Platelets), is one call away. See datasets/README.md.
 """
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.data.datasets.pascal_voc import register_pascal_voc
+
+from .voc import annotation_dir, find_split_dir, register_voc_dataset, scan_classes
 
 __all__ = ["register_coco", "register_voc", "voc_class_names"]
 
@@ -21,44 +23,42 @@ def register_coco(name, json_file, image_root):
     register_coco_instances(name, {}, json_file, image_root)
 
 
-def voc_class_names(dirname):
-    """Sorted set of the object names found in ``dirname/Annotations/*.xml``."""
-    import xml.etree.ElementTree as ET
-
-    ann_dir = os.path.join(dirname, "Annotations")
-    names = set()
-    for f in sorted(os.listdir(ann_dir)):
-        if f.endswith(".xml"):
-            names.update(o.find("name").text.strip() for o in ET.parse(os.path.join(ann_dir, f)).findall("object"))
-    return sorted(names)
+def voc_class_names(dirname, annotations=""):
+    """Sorted set of the object names found in the xml files of a VOC folder (its ``Annotations/``,
+    ``annotations/``, ... or the sub-folder ``annotations``)."""
+    return sorted(scan_classes(annotation_dir(dirname, annotations))[0])
 
 
-def register_voc(name, dirname, split, class_names=None, year=2012):
-    """Register a Pascal-VOC-layout dataset with detectron2's VOC loader.
+def register_voc(name, dirname, split, class_names=None, year=2012, annotations="", images=""):
+    """Register a Pascal-VOC-layout dataset.
 
     Args:
-        dirname: folder with ``Annotations/``, ``JPEGImages/`` and
-            ``ImageSets/Main/<split>.txt``.
+        dirname: folder with the xml files and images (``Annotations/`` + ``JPEGImages/``,
+            ``annotations/`` + ``images/``, ... in any case; or named by ``annotations`` /
+            ``images``) and ``ImageSets/Main/<split>.txt``.
         split: e.g. "train", "val", "trainval", "test".
-        class_names: list of class names; default: those found in the xml files
-            (sorted), which makes the class order independent of the split.
-        year: 2007 selects VOC2007's 11-point AP in PascalVOCDetectionEvaluator,
-            anything else the area-under-curve AP. (Use ``TEST.EVALUATOR coco``
-            for COCO-style AP, APs/m/l on the same data.)
+        class_names: list of class names; default: those found in the xml files (sorted), which
+            makes the class order independent of the split (a very rare name then stops training
+            as a likely typo; a given list reports objects of other classes instead).
+        year: 2007 selects VOC2007's 11-point AP in the Pascal-VOC evaluator, anything else the
+            area-under-curve AP. (Use ``TEST.EVALUATOR coco`` for COCO-style AP, APs/m/l on the same data.)
     """
-    for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main", split + ".txt")):
-        if not os.path.exists(os.path.join(dirname, sub)):
-            raise FileNotFoundError(
-                f"Cannot register VOC dataset '{name}': '{os.path.join(dirname, sub)}' is missing "
-                "(expected the Pascal VOC layout: Annotations/, JPEGImages/, ImageSets/Main/<split>.txt)."
-            )
-    if class_names is None:
-        class_names = voc_class_names(dirname)
+    main = find_split_dir(dirname) if os.path.isdir(dirname) else None
+    split_file = os.path.join(main, split + ".txt") if main else None
+    if not split_file or not os.path.isfile(split_file):
+        raise FileNotFoundError(
+            f"Cannot register VOC dataset '{name}': '{os.path.join(dirname, 'ImageSets', 'Main', split + '.txt')}' "
+            "is missing (expected the Pascal VOC layout: annotations, images, ImageSets/Main/<split>.txt; the "
+            "DATASETS.VOC config key needs no split files).")
+    counts, examples, given = {}, {}, class_names is not None
+    if not given:
+        counts, examples = scan_classes(annotation_dir(dirname, annotations))
+        class_names = sorted(counts)
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    register_pascal_voc(name, dirname, split, year, list(class_names))
-    MetadataCatalog.get(name).evaluator_type = "pascal_voc"
+    register_voc_dataset(name, dirname, split, split_file, class_names, year=year, annotations=annotations,
+                         images=images, classes_given=given, class_counts=counts, class_examples=examples)
 
 
 # VOC-layout datasets expected under $DETECTRON2_DATASETS (like detectron2's
@@ -70,12 +70,12 @@ def register_builtin_voc(root=None):
     """Register ``bccd_{train,val,trainval,test}`` at ``$DETECTRON2_DATASETS/BCCD``.
 
     Registration is lazy: nothing is read until the dataset is used, so a
-    missing folder only matters (with detectron2's FileNotFoundError) then.
+    missing folder only matters (with a FileNotFoundError naming it) then.
     """
     root = root or os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
     for prefix, (folder, classes) in BUILTIN_VOC.items():
         for split in ("train", "val", "trainval", "test"):
             name = f"{prefix}_{split}"
             if name not in DatasetCatalog.list():
-                register_pascal_voc(name, os.path.join(root, folder), split, 2012, classes)
-                MetadataCatalog.get(name).evaluator_type = "pascal_voc"
+                d = os.path.join(root, folder)
+                register_voc_dataset(name, d, split, os.path.join(d, "ImageSets", "Main", split + ".txt"), classes)

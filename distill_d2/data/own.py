@@ -2,34 +2,50 @@
 
     DATASETS.COCO [["my_train", "/data/train.json", "/data/images"], ["my_val", "/data/val.json", "/data/images"]]
     DATASETS.VOC [["bccd", "/data/BCCD"]]      # registers bccd_train, bccd_val (+ every ImageSets/Main split)
+    DATASETS.VOC [["pets", "/data/pets", {"classes": ["cat", "dog"], "annotations": "xml", "images": "photos"}]]
     DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)"
+    MODEL.ROI_HEADS.NUM_CLASSES -1             # (or MODEL.RETINANET.NUM_CLASSES): the training data's class count
 
 Names stay detectron2 dataset names (``DATASETS.TRAIN/TEST``); registration
 happens when the config is loaded, i.e. in every process ``launch`` starts.
-Class names come from the data (COCO ``categories``; VOC: the sorted object
-names of ``Annotations/*.xml``). A VOC folder without ``ImageSets/Main``
-split files gets a deterministic split: the sorted image ids shuffled with
+Class names come from the data (COCO ``categories``; VOC: the ``classes`` of
+the entry, else the sorted object names of the folder's xml files, where a
+name with very few instances stops training as a likely typo, see
+:func:`check_class_names`). A VOC folder's sub-folders are found in any case
+and under their common names (``distill_d2/data/voc.py``) or named by the
+entry. A VOC folder without ``ImageSets/Main`` split files gets a
+deterministic split: the sorted image ids shuffled with
 ``DATASETS.VOC_SPLIT_SEED``, ``DATASETS.VOC_VAL_FRACTION`` of them for
 ``<prefix>_val``, the rest ``<prefix>_train``; the split files are written to
 a cache folder (``~/.cache/distill_d2/voc_splits``), never into the data.
 """
 import hashlib
+import logging
 import os
 import random
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
-from .builtin import register_coco, voc_class_names
+from .builtin import register_coco
+from .voc import annotation_dir, find_split_dir, rare_classes, register_voc_dataset, scan_classes, voc_layout
+
+logger = logging.getLogger(__name__)
+
+VOC_OPTIONS = ("classes", "annotations", "images")
 
 
 def add_dataset_config(cfg):
     """Declare the own-dataset keys (called by ``add_distill_config``)."""
     # COCO-format datasets: [[name, json_file, image_root], ...]
     cfg.DATASETS.COCO = []
-    # Pascal-VOC folders: [[prefix, folder], ...] -> <prefix>_<split> for each
-    # ImageSets/Main/<split>.txt, or <prefix>_train / <prefix>_val without them.
+    # Pascal-VOC folders: [[prefix, folder], ...] or [[prefix, folder, {options}], ...] -> <prefix>_<split>
+    # for each ImageSets/Main/<split>.txt, or <prefix>_train / <prefix>_val without them. Options:
+    # 'classes': the class list (else the names found in the xml files; then a name with very few
+    # instances is reported as a likely typo before training); 'annotations' / 'images': the
+    # sub-folders (else Annotations/, annotations/, xml/, ... and JPEGImages/, images/, ... in any case).
     cfg.DATASETS.VOC = []
+    # (Not a key here: MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES -1 = the class count of
+    # DATASETS.TRAIN's metadata, set when the config is loaded, see resolve_num_classes.)
     # Without split files: the fraction of images in <prefix>_val and the shuffle seed.
     cfg.DATASETS.VOC_VAL_FRACTION = 0.2
     cfg.DATASETS.VOC_SPLIT_SEED = 0
@@ -46,6 +62,27 @@ def _register(name, source, fn):
     MetadataCatalog.get(name).set(distill_source=source)
 
 
+def _voc_entry(spec):
+    """(prefix, folder, options) of a DATASETS.VOC entry."""
+    example = "[['mydata', '/path/folder', {'classes': ['cat', 'dog'], 'annotations': 'xml', 'images': 'photos'}]]"
+    if not isinstance(spec, (list, tuple)) or len(spec) not in (2, 3) or (len(spec) == 3 and not isinstance(spec[2], dict)):
+        raise ValueError(f"DATASETS.VOC entries are [prefix, folder] or [prefix, folder, {{options}}]; got {spec!r}. "
+                         f"Example: DATASETS.VOC \"{example}\"")
+    options = dict(spec[2]) if len(spec) == 3 else {}
+    unknown = sorted(set(options) - set(VOC_OPTIONS))
+    if unknown:
+        raise ValueError(f"DATASETS.VOC entry '{spec[0]}': unknown option(s) {', '.join(map(repr, unknown))}; the options "
+                         f"are {', '.join(map(repr, VOC_OPTIONS))}. Example: DATASETS.VOC \"{example}\"")
+    classes = options.get("classes") or []
+    if isinstance(classes, str):
+        classes = [c for c in (x.strip() for x in classes.split(",")) if c]
+    classes = [str(c).strip() for c in classes]
+    if len(set(classes)) != len(classes) or not all(classes):
+        raise ValueError(f"DATASETS.VOC entry '{spec[0]}': 'classes' must be distinct non-empty names, got {classes}.")
+    options["classes"] = classes
+    return str(spec[0]), os.path.abspath(str(spec[1])), options
+
+
 def register_from_cfg(cfg):
     """Register every dataset of ``DATASETS.COCO`` / ``DATASETS.VOC``; returns their names."""
     names = []
@@ -56,21 +93,23 @@ def register_from_cfg(cfg):
         _register(name, ("coco", os.path.abspath(json_file)), lambda: register_coco(name, json_file, image_root))
         names.append(name)
     for spec in cfg.DATASETS.VOC:
-        if len(spec) != 2:
-            raise ValueError(f"DATASETS.VOC entries are [prefix, folder]; got {list(spec)}.")
-        prefix, folder = str(spec[0]), os.path.abspath(str(spec[1]))
-        names += register_voc_folder(prefix, folder, cfg.DATASETS.VOC_VAL_FRACTION, cfg.DATASETS.VOC_SPLIT_SEED)
+        prefix, folder, opts = _voc_entry(spec)
+        names += register_voc_folder(prefix, folder, cfg.DATASETS.VOC_VAL_FRACTION, cfg.DATASETS.VOC_SPLIT_SEED,
+                                     classes=opts["classes"], annotations=str(opts.get("annotations", "")),
+                                     images=str(opts.get("images", "")))
     return names
 
 
-def voc_split_files(folder, val_fraction, seed):
-    """{split: path of a split file}: the folder's own ``ImageSets/Main/*.txt``, or a seeded train/val split."""
-    main = os.path.join(folder, "ImageSets", "Main")
-    if os.path.isdir(main):
+def voc_split_files(folder, val_fraction, seed, annotations=""):
+    """{split: path of a split file}: the folder's own ``ImageSets/Main/*.txt`` (any case), or a seeded
+    train/val split of the ids of the annotation folder (``annotations``, else found)."""
+    main = find_split_dir(folder)
+    if main:
         own = {f[:-4]: os.path.join(main, f) for f in sorted(os.listdir(main)) if f.endswith(".txt") and "_" not in f}
         if own:
             return own
-    ids = sorted(f[:-4] for f in os.listdir(os.path.join(folder, "Annotations")) if f.endswith(".xml"))
+    ann_dir = annotation_dir(folder, annotations)
+    ids = sorted(f[:-4] for f in os.listdir(ann_dir) if f.lower().endswith(".xml"))
     if len(ids) < 2:
         raise ValueError(f"VOC folder {folder} has {len(ids)} annotated image(s): too few to split into train/val.")
     if not 0 < val_fraction < 1:
@@ -93,20 +132,97 @@ def voc_split_files(folder, val_fraction, seed):
     return files
 
 
-def register_voc_folder(prefix, folder, val_fraction=0.2, seed=0):
-    """Register ``<prefix>_<split>`` for each split of a VOC folder; returns the names."""
-    for sub in ("Annotations", "JPEGImages"):
-        if not os.path.isdir(os.path.join(folder, sub)):
-            raise FileNotFoundError(f"DATASETS.VOC: '{os.path.join(folder, sub)}' is missing (expected the Pascal "
-                                    "VOC layout: Annotations/*.xml, JPEGImages/*.jpg, optional ImageSets/Main/).")
-    classes = voc_class_names(folder)
+def register_voc_folder(prefix, folder, val_fraction=0.2, seed=0, classes=(), annotations="", images=""):
+    """Register ``<prefix>_<split>`` for each split of a VOC folder; returns the names. ``classes``:
+    the class list (default: the sorted names found in its xml files)."""
+    ann_dir, _ = voc_layout(folder, annotations, images)  # a wrong folder stops here, when the config loads
+    counts, examples = {}, {}
+    if classes:
+        class_names = list(classes)
+    else:
+        counts, examples = scan_classes(ann_dir)
+        class_names = sorted(counts)
+        if not class_names:
+            raise ValueError(f"DATASETS.VOC '{prefix}': no objects in the xml files of {ann_dir}.")
     names = []
-    for split, path in voc_split_files(folder, val_fraction, seed).items():
+    for split, path in voc_split_files(folder, val_fraction, seed, annotations).items():
         name = f"{prefix}_{split}"
-        # detectron2's VOC loader and evaluator read <folder>/ImageSets/Main/<split>.txt through
-        # os.path.join, which an absolute <split> replaces: so a split file may live outside the data
-        split_arg = path[:-4] if not path.startswith(os.path.join(folder, "ImageSets", "Main")) else split
-        _register(name, ("voc", folder, path), lambda: register_pascal_voc(name, folder, split_arg, 2012, classes))
-        MetadataCatalog.get(name).evaluator_type = "pascal_voc"
+        source = ("voc", folder, path, tuple(class_names), annotations, images)
+        _register(name, source, lambda: register_voc_dataset(
+            name, folder, split, path, class_names, annotations=annotations, images=images,
+            classes_given=bool(classes), class_counts=counts, class_examples=examples))
+        MetadataCatalog.get(name).set(voc_prefix=prefix)
         names.append(name)
     return names
+
+
+def check_class_names(dataset_names):
+    """Stop before training when a VOC dataset whose classes are the names found in its xml files
+    has a rare one (:func:`~distill_d2.data.voc.rare_classes`: a typo such as ``racoon`` among
+    ``raccoon`` would otherwise become a class), naming the class, its count and files, and the fix."""
+    for name in dataset_names:
+        meta = MetadataCatalog.get(name)
+        if meta.get("classes_given", True):
+            continue
+        counts, examples = meta.get("class_counts", {}), meta.get("class_examples", {})
+        rare = rare_classes(counts)
+        if not rare:
+            continue
+        top = max(counts, key=counts.get)
+        keep = [c for c in meta.thing_classes if c not in rare]
+        listed = "; ".join(f"'{c}': {counts[c]} instance(s), in {', '.join(examples.get(c, []))}" for c in rare)
+        prefix = meta.get("voc_prefix", None)
+        opts = dict({"classes": keep}, **{k: v for k, v in (("annotations", meta.get("voc_annotations", "")),
+                                                            ("images", meta.get("voc_images", ""))) if v})
+        how = (f"DATASETS.VOC \"{[[prefix, meta.dirname, opts]]}\"" if prefix else f"register_voc(..., class_names={keep})")
+        raise ValueError(
+            f"Dataset '{name}': its classes are the object names found in {meta.dirname}, and "
+            f"{len(rare)} of them {'is' if len(rare) == 1 else 'are'} so rare that {'it is' if len(rare) == 1 else 'they are'} "
+            f"likely a typo ({listed}; the largest class: '{top}', {counts[top]}). Fix the name in those files, "
+            f"or give the class list: {how} (objects of other classes are then reported before training, and "
+            "DATALOADER.CHECK.ACTION drop drops them); a list that includes a rare name keeps it as a class.")
+
+
+def dataset_class_names(name):
+    """``thing_classes`` of a registered dataset (loaded once if its metadata does not have them yet,
+    as for a COCO json)."""
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_classes", None) is None:
+        logger.info("Loading dataset '%s' to read its class names (NUM_CLASSES -1).", name)
+        DatasetCatalog.get(name)
+    return meta.get("thing_classes", None)
+
+
+def resolve_num_classes(cfg):
+    """``MODEL.ROI_HEADS.NUM_CLASSES`` / ``MODEL.RETINANET.NUM_CLASSES`` -1 becomes the class count of
+    ``DATASETS.TRAIN`` (``DATASETS.TEST`` without training sets): their metadata ``thing_classes``.
+    (A distillation teacher follows the student's count.) ``cfg`` must not be frozen."""
+    keys = []
+    for key in ("ROI_HEADS", "RETINANET"):
+        k = cfg.MODEL[key].NUM_CLASSES
+        if k == -1:
+            keys.append(key)
+        elif not (isinstance(k, int) and k > 0):
+            raise ValueError(f"MODEL.{key}.NUM_CLASSES must be a positive class count or -1 (from the training "
+                             f"data), got {k!r}.")
+    if not keys:
+        return
+    what = " / ".join(f"MODEL.{k}.NUM_CLASSES" for k in keys)
+    names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+    if not names:
+        raise ValueError(f"{what} is -1 (from the data) but DATASETS.TRAIN and DATASETS.TEST are empty: set the "
+                         "number of classes.")
+    classes = {}
+    for name in names:
+        c = dataset_class_names(name)
+        if c is None:
+            raise ValueError(f"{what} is -1 (from the data) but dataset '{name}' has no class names (metadata "
+                             "thing_classes): set the number of classes.")
+        classes[name] = list(c)
+    if len({len(c) for c in classes.values()}) > 1:
+        raise ValueError(f"{what} is -1 (from the data) but the datasets have different class counts ("
+                         + ", ".join(f"'{n}': {len(c)}" for n, c in classes.items()) + "): set the number.")
+    n = len(next(iter(classes.values())))
+    for key in keys:
+        cfg.MODEL[key].NUM_CLASSES = n
+    logger.info("%s -1: %d classes from %s (%s).", what, n, ", ".join(classes), ", ".join(classes[names[0]][:10]))
