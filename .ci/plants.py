@@ -17,7 +17,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T_METHODS, T_LOSSES, T_MASKS, T_DEFEAT = "tests/test_methods.py", "tests/test_losses.py", "tests/test_masks.py", "tests/test_defeat.py"
 T_TERMS, T_REG, T_HOOKS = "tests/test_terms.py", "tests/test_regression.py", "tests/test_hooks.py"
-T_HGD, T_TBD = "tests/test_hgd.py", "tests/test_tbd.py"
+T_HGD, T_TBD, T_GUARD = "tests/test_hgd.py", "tests/test_tbd.py", "tests/test_guard.py"
 
 # name, file, old snippet, new snippet, tests to run
 PLANTS = [
@@ -154,7 +154,13 @@ PLANTS = [
      'masked_feature_loss(adapted, target, self.masks(rec), "fgfi")',
      'masked_feature_loss(adapted, target, self.masks(rec), "mean")',
      [T_TBD]),
-
+    ("guard: KD growth judged against its early median only (no floor)", "distill_d2/hooks.py",
+     'ref = max(early, self.kd["growth_floor"] * self._first)', "ref = early", [T_GUARD, T_HOOKS]),
+    ("guard: KD values signed (no abs)", "distill_d2/hooks.py",
+     "kd = {k: abs(float(v)) / kd_weight", "kd = {k: float(v) / kd_weight", [T_GUARD, T_HOOKS]),
+    ("guard: KD ratio over det + 1", "distill_d2/hooks.py",
+     "ratio = now / det_now if det_now > 0 else 0.0", "ratio = now / (det_now + 1.0) if det_now > 0 else 0.0",
+     [T_GUARD, T_HOOKS]),
 ]
 
 

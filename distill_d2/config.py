@@ -167,9 +167,11 @@ def add_distill_config(cfg):
     # distill_d2/hooks.py LossScaleGuard, on every detector (plain ones too):
     # gradient clipping keeps a diverging run finite, so detectron2's NaN check
     # never fires. A level is the median over the last GUARD.WINDOW iterations
-    # (a lone spike never counts) of magnitudes (abs); det = the sum of the
-    # detection losses (loss_*, not loss_kd_*). Every limit is relative to a
-    # level that cannot be near 0. Levels restart on --resume.
+    # (from the 5th on; a lone spike never counts) of magnitudes (abs); det = the
+    # sum of the detection losses (loss_*, not loss_kd_*; RetinaNet's x its
+    # loss_normalizer EMA / its first value, so the EMA's drift does not count).
+    # Every limit is relative to a level that cannot be near 0. Levels restart
+    # on --resume.
     #
     # GUARD: the detector diverges. Trips when det's level exceeds MAX_GROWTH x
     # the lowest level det had reached in this run (at least MIN_LEVEL).

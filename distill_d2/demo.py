@@ -209,7 +209,6 @@ def plot_results(runs, out_png, title):
 def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thresh=0.5, opts=()):
     """Side-by-side PNG of predictions (one column per model) on the first val images."""
     import cv2
-    import numpy as np
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog, MetadataCatalog

@@ -17,7 +17,7 @@ from .config import add_distill_config, flat_items, num_classes, num_classes_key
 from .data.checks import ACTIONS as CHECK_ACTIONS, NamedErrors, check_dataset_dicts
 from .data.voc import VOCEvaluator, load_problems
 from .data.resumable import TrainingState, build_resumable_train_loader
-from .hooks import KDLossGuard, KDWeightScheduler, TeacherEvalHook
+from .hooks import KDWeightScheduler, LossGuard, TeacherEvalHook
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +173,6 @@ class Trainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
-        from .hooks import LossGuard
-
         ret = super().build_hooks()
         model = unwrap(self.model)
         # every detector: divergence (GUARD), distillation terms off scale (DISTILL.GUARD); before the

@@ -102,11 +102,13 @@ class LossScaleGuard:
 
     Feed :meth:`update` the losses detectron2 logged at each iteration, in order from the
     run's (or resume's) first one; it returns the checks that trip (``GUARD`` and
-    ``DISTILL.GUARD`` in distill_d2/config.py). Levels are medians over the last ``window``
-    iterations of magnitudes; every limit is relative to a level that cannot be near 0:
+    ``DISTILL.GUARD`` in distill_d2/config.py). Levels are medians of magnitudes over the last
+    ``window`` iterations (from the 5th iteration on: a divergence that starts within the first
+    window must not become the reference); every limit is relative to a level that cannot be near 0:
 
-    * the detector diverges: det (the summed detection losses) above ``max_growth`` x the
-      lowest level it had reached (at least ``min_level``);
+    * the detector diverges: det (the summed detection losses; a dense detector's net of the drift
+      of its loss normaliser) above ``max_growth`` x the lowest level it had reached (at least
+      ``min_level``);
     * a distillation term (divided by lambda) above ``kd["max_ratio_to_det"]`` x det (at its
       first iteration: its value), or above ``kd["max_growth"]`` x the larger of its own early
       median and ``kd["growth_floor"]`` x det's first level (a gated term rising from ~0 is fine).
@@ -320,7 +322,8 @@ class LossGuard(HookBase):
             if losses:
                 from .engine import unwrap
 
-                norm = getattr(unwrap(self.trainer.model), "loss_normalizer", None)  # dense detectors
+                # dense detectors' EMA (each process has its own; the main one's stands for all)
+                norm = getattr(unwrap(self.trainer.model), "loss_normalizer", None)
                 trips = self.guard.update(it, losses, latest.get("kd_weight", 1.0), norm)
                 trip = next((t for t in trips if self._actions[t.action_key] == "error"), trips[0] if trips else None)
         if self._sync and comm.get_world_size() > 1:
@@ -333,9 +336,6 @@ class LossGuard(HookBase):
             self._warned.add((trip.kind, trip.term))
             logger.warning(trip.message)
 
-
-#: the guard's former name (distillation runs only); the hook now serves every detector
-KDLossGuard = LossGuard
 
 
 class TeacherEvalHook(HookBase):

@@ -29,6 +29,8 @@ from collections import Counter
 
 from detectron2.structures import BoxMode
 
+from .images import oriented_size
+
 logger = logging.getLogger(__name__)
 
 # problem kind -> short description (the order of the summary)
@@ -66,17 +68,14 @@ def decode_image(path):
 
     try:
         with Image.open(path) as im:
-            w, h = im.size
-            try:
-                orientation = im.getexif().get(0x0112)
-            except Exception:  # detectron2 ignores unreadable EXIF too
-                orientation = None
+            size = oriented_size(im)
             if im.format == "JPEG":
+                w, h = im.size
                 im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
             im.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
         return f"{type(e).__name__}: {e}", None
-    return None, ((h, w) if orientation in (5, 6, 7, 8) else (w, h))
+    return None, size
 
 
 def decode_workers(workers=0, processes=1):
@@ -258,7 +257,7 @@ def check_dataset_dicts(dicts, num_classes, *, decode=False, action="error", min
         raise ValueError(
             f"Dataset {name} has {len(problems)} problems ({checks}): {summary}. First ones:\n"
             + "\n".join(lines)
-            + f"\nFix the annotations/images, or set DATALOADER.CHECK.ACTION drop to drop the bad annotations and "
+            + "\nFix the annotations/images, or set DATALOADER.CHECK.ACTION drop to drop the bad annotations and "
             "images and train on the rest (DATALOADER.CHECK.MIN_BOX_SIZE sets the smallest box in pixels; "
             "DATALOADER.CHECK.ENABLED False turns this check off)." + hints
         )

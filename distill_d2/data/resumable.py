@@ -43,6 +43,8 @@ from detectron2.data.common import DatasetFromList, ToIterableDataset
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .images import image_size
+
 logger = logging.getLogger(__name__)
 
 
@@ -69,15 +71,6 @@ class ResumableTrainingSampler(Sampler):
                 pos += 1
 
 
-def _image_size(file_name):
-    """(width, height) of an image as ``read_image`` returns it (EXIF rotation applied), from its header."""
-    from PIL import Image
-
-    with Image.open(file_name) as im:
-        w, h = im.size
-        return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)  # 0x0112: EXIF orientation
-
-
 def aspect_ratio_groups(dicts):
     """detectron2's aspect-ratio group of each dataset dict: 0 if ``width > height`` else 1
     (``AspectRatioGroupedDataset``, which reads the mapped dict's ``width``/``height``, i.e. these)."""
@@ -86,7 +79,11 @@ def aspect_ratio_groups(dicts):
         if "width" in d and "height" in d:
             w, h = d["width"], d["height"]
         else:  # DatasetMapper fills them from the decoded image
-            w, h = _image_size(d["file_name"])
+            size = image_size(d["file_name"])
+            if size is None:
+                raise FileNotFoundError(f"Cannot read the size of image {d['file_name']} (needed for "
+                                        "DATALOADER.ASPECT_RATIO_GROUPING): missing or not an image.")
+            w, h = size
         groups.append(0 if w > h else 1)
     return groups
 

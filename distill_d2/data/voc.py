@@ -30,6 +30,8 @@ from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from .images import image_size
+
 logger = logging.getLogger(__name__)
 
 # sub-folder names looked for (lower-cased), in order of preference
@@ -161,23 +163,6 @@ def parse_voc_xml(path):
                         "pose": (obj.findtext("pose") or "Unspecified").strip()})
     return {"filename": (root.findtext("filename") or "").strip(), "width": width, "height": height,
             "objects": objects, "bad": bad}
-
-
-def image_size(path):
-    """(width, height) of an image as detectron2's ``read_image`` returns it (EXIF orientation
-    applied), from its header only; None if it cannot be read."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            try:
-                orientation = im.getexif().get(0x0112)
-            except Exception:  # detectron2 ignores unreadable EXIF too
-                orientation = None
-    except Exception:
-        return None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _image_index(image_dir):
