@@ -40,10 +40,10 @@ import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from fvcore.common.checkpoint import _filter_reused_missing_keys
 
 from .config import num_classes, num_classes_key
+from .data.own import dataset_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -105,22 +105,12 @@ def student_meta_arch(cfg):
     return getattr(arch, "STUDENT_META_ARCH", None) or cfg.MODEL.META_ARCHITECTURE
 
 
-def dataset_classes(name, load=True):
-    """``thing_classes`` of dataset ``name`` (its dicts are loaded first if the metadata lacks them, e.g. a
-    COCO json not read yet, and ``load``); None if unknown."""
-    classes = MetadataCatalog.get(name).get("thing_classes", None)
-    if classes is None and load and name in DatasetCatalog.list():
-        DatasetCatalog.get(name)  # detectron2's COCO loader sets thing_classes while reading the json
-        classes = MetadataCatalog.get(name).get("thing_classes", None)
-    return None if classes is None else list(classes)
-
-
 def model_meta(cfg, classes=None, recorded_by="distill_d2 trainer"):
     """What a checkpoint's model was trained for: class names (``classes``, default: the first
     DATASETS.TRAIN dataset whose metadata has them, without loading data), class count and its key,
     the input settings (:data:`INPUT_KEYS`) and the student's META_ARCHITECTURE."""
     if classes is None:
-        classes = next((c for c in (dataset_classes(n, load=False) for n in cfg.DATASETS.TRAIN) if c), None)
+        classes = next((c for c in (dataset_class_names(n, load=False) for n in cfg.DATASETS.TRAIN) if c), None)
     return {
         "meta_architecture": student_meta_arch(cfg),
         "trained_meta_architecture": cfg.MODEL.META_ARCHITECTURE,
@@ -212,7 +202,7 @@ def check_meta(meta, cfg, datasets, name, mode="eval"):
     key, k = num_classes_key(cfg), num_classes(cfg)
     recorded = (meta or {}).get("thing_classes")
     for ds in datasets:
-        classes = dataset_classes(ds, load=mode == "eval")
+        classes = dataset_class_names(ds, load=mode == "eval")
         if classes is None:
             continue
         if recorded and classes != recorded:

@@ -93,10 +93,6 @@ class Trip:
     message: str
 
 
-def _median(xs):
-    return statistics.median(xs)
-
-
 class LossScaleGuard:
     """The loss guard's decisions: a pure function of the series of logged loss dicts.
 
@@ -144,7 +140,7 @@ class LossScaleGuard:
         self.last = {}
 
     def _levels(self, d):
-        return {k: _median(v) for k, v in sorted(d.items()) if v}
+        return {k: statistics.median(v) for k, v in sorted(d.items()) if v}
 
     def update(self, iteration, losses, kd_weight=1.0, loss_normalizer=None):
         """Add one iteration's logged losses; return the list of :class:`Trip` (empty: in scale).
@@ -170,7 +166,7 @@ class LossScaleGuard:
             self._parts[k].append(v)
         growth = None
         if len(self._det) >= min(MIN_SAMPLES, self.window):  # a level: the median of 5 to `window` iterations
-            level = _median(self._det)
+            level = statistics.median(self._det)
             if self._first is None:
                 self._first = level
             if self._low is None or level < self._low[0]:
@@ -189,9 +185,9 @@ class LossScaleGuard:
             # the detector diverges: that is the diagnosis, whatever the terms do
             return [Trip("diverges", None, iteration, "GUARD.ACTION", self._diverges_msg(iteration, growth))]
         trips = []
-        det_now = _median(self._det)
+        det_now = statistics.median(self._det)
         for k in sorted(kd):
-            now, n = _median(self._kd[k]), len(self._kd[k])
+            now, n = statistics.median(self._kd[k]), len(self._kd[k])
             ratio = now / det_now if det_now > 0 else 0.0
             self.last["kd_ratio"][k] = ratio
             if ratio > self.kd["max_ratio_to_det"]:
@@ -202,7 +198,7 @@ class LossScaleGuard:
                 continue
             if self._first is None or len(self._kd_early[k]) < self.kd["warmup_iters"]:
                 continue
-            early = _median(self._kd_early[k])
+            early = statistics.median(self._kd_early[k])
             ref = max(early, self.kd["growth_floor"] * self._first)
             self.last["kd_growth"][k] = now / ref
             if now > self.kd["max_growth"] * ref:
@@ -225,7 +221,8 @@ class LossScaleGuard:
 
     def _diverges_msg(self, iteration, growth):
         low, low_it, _ = self._low
-        msg = (f"Training diverges: the detection losses rose to {_median(self._det):.4g} at iteration {iteration} "
+        msg = (f"Training diverges: the detection losses rose to {statistics.median(self._det):.4g} at iteration "
+               f"{iteration} "
                f"(sum of the loss_* terms, median of the last {len(self._det)} iterations), {growth:.3g}x the lowest "
                f"level they had reached ({low:.4g} at iteration {low_it}"
                + (f", floor GUARD.MIN_LEVEL = {self.min_level:g}" if low < self.min_level else "")

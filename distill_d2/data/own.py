@@ -183,14 +183,16 @@ def check_class_names(dataset_names):
             "DATALOADER.CHECK.ACTION drop drops them); a list that includes a rare name keeps it as a class.")
 
 
-def dataset_class_names(name):
-    """``thing_classes`` of a registered dataset (loaded once if its metadata does not have them yet,
-    as for a COCO json)."""
+def dataset_class_names(name, load=True):
+    """``thing_classes`` of dataset ``name`` as a list, None if unknown. With ``load``, a registered
+    dataset whose metadata lacks them (a COCO json not read yet) is loaded once first: detectron2's
+    COCO loader sets them while reading the json."""
     meta = MetadataCatalog.get(name)
-    if meta.get("thing_classes", None) is None:
-        logger.info("Loading dataset '%s' to read its class names (NUM_CLASSES -1).", name)
+    if meta.get("thing_classes", None) is None and load and name in DatasetCatalog.list():
+        logger.info("Loading dataset '%s' to read its class names.", name)
         DatasetCatalog.get(name)
-    return meta.get("thing_classes", None)
+    classes = meta.get("thing_classes", None)
+    return None if classes is None else list(classes)
 
 
 def resolve_num_classes(cfg):
