@@ -103,7 +103,7 @@ PLANTS = [
      'rest = re.sub(r"^bn(\\d)\\.", r"conv1.norm.", m[3])', ["tests/test_checkpoint.py"]),
     ("teacher RGB/BGR flip removed", "distill_d2/modeling/distiller.py",
      'return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]', "return batched_inputs", [T_TERMS]),
-    ("decay: linear from 1 to END_VALUE at half the schedule", "distill_d2/hooks.py",
+    ("decay: linear from 1 to END_VALUE at half the schedule", "distill_d2/schedule.py",
      "lam = 1.0 - (1.0 - end) * frac", "lam = 1.0 - (1.0 - end) * min(1.0, 2 * frac)", [T_HOOKS]),
     # HGD (distill_d2/methods/hgd.py)
     ("hgd: no channel normalisation", "distill_d2/losses.py",

@@ -6,10 +6,8 @@ dropped by ``distill_d2.export``.
 """
 import torch
 import torch.nn as nn
-from fvcore.common.registry import Registry
 
-ADAPTER_REGISTRY = Registry("DISTILL_ADAPTER")
-ADAPTER_REGISTRY.__doc__ = "fn(in_channels, out_channels) -> nn.Module mapping (N,Cs,H,W) to (N,Ct,H,W)."
+from .registry import ADAPTER_REGISTRY
 
 
 @ADAPTER_REGISTRY.register()

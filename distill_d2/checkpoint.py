@@ -44,6 +44,7 @@ from fvcore.common.checkpoint import _filter_reused_missing_keys
 
 from .config import num_classes, num_classes_key
 from .data.own import dataset_class_names
+from .errors import DistillConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ class DistillCheckpointer(DetectionCheckpointer):
         if bottleneck:
             conv = next((m for n, m in model.named_modules() if n.endswith("res3.0.conv1")), None)
             if conv is not None and tuple(conv.stride) != (1, 1):
-                raise ValueError(
+                raise DistillConfigError(
                     "torchvision's bottleneck ResNets put the stride in the 3x3 conv, but this model strides in the "
                     "1x1 conv: set MODEL.RESNETS.STRIDE_IN_1X1 False to load torchvision weights."
                 )

@@ -6,7 +6,8 @@
   part of them (yacs: "Override list has odd length"): it is an error saying to put flags first.
 * Logs: no colour escape codes when stdout is not a terminal (a redirected log stays plain text), and
   never in log.txt (detectron2 colours the full-config dump it writes there too).
-* ``schedule_warnings``: SOLVER.STEPS (or DISTILL.DECAY.STEPS) at or after SOLVER.MAX_ITER, with the fix.
+
+Imports nothing of distill_d2 but its errors (``config.load_cfg`` checks overrides with :func:`check_overrides`).
 """
 import argparse
 import contextlib
@@ -14,11 +15,13 @@ import logging
 import re
 import sys
 
+from .errors import DistillConfigError
+
 #: what a config key on the command line looks like (``MODEL.WEIGHTS``, ``SEED``, ``DISTILL.FEAT.WEIGHT``)
 KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
 
-class OverrideError(ValueError):
+class OverrideError(DistillConfigError):
     """Command-line KEY VALUE overrides that cannot be applied; the message says how to write them."""
 
 
@@ -144,49 +147,3 @@ def plain_config_dump():
         yield
     finally:
         defaults._highlight = original
-
-
-# ------------------------------------------------------------------ schedule
-def schedule_warnings(cfg, config_file=None):
-    """Messages for learning-rate (``SOLVER.STEPS``) and step-decay lambda (``DISTILL.DECAY.STEPS``) steps
-    at or after ``SOLVER.MAX_ITER``, which never happen (typically MAX_ITER lowered on the command line
-    and STEPS kept), each with the steps to set: the config file's steps scaled to the new MAX_ITER, or
-    75% / 92% of it."""
-    max_iter = cfg.SOLVER.MAX_ITER
-    file_max_iter, file_steps = None, {}
-    if config_file:
-        from detectron2.config import get_cfg
-
-        from .config import add_distill_config
-
-        try:
-            file_cfg = add_distill_config(get_cfg())
-            file_cfg.merge_from_file(config_file)
-            file_max_iter = file_cfg.SOLVER.MAX_ITER
-            file_steps = {"SOLVER.STEPS": list(file_cfg.SOLVER.STEPS),
-                          "DISTILL.DECAY.STEPS": list(file_cfg.DISTILL.DECAY.STEPS)}
-        except Exception:  # (only for the suggestion)
-            pass
-    out = []
-    checks = [("SOLVER.STEPS", list(cfg.SOLVER.STEPS), "the learning rate never decays",
-               "the learning rate skips the decay step(s)")]
-    if "DISTILL" in cfg and cfg.DISTILL.DECAY.TYPE == "step":
-        checks.append(("DISTILL.DECAY.STEPS", list(cfg.DISTILL.DECAY.STEPS), "the distillation weight never decays",
-                       "the distillation weight skips the decay step(s)"))
-    for key, steps, never, some in checks:
-        late = [s for s in steps if s >= max_iter]
-        if not late:
-            continue
-        if (file_max_iter and file_max_iter != max_iter and steps == file_steps.get(key)
-                and all(s < file_max_iter for s in steps)):  # MAX_ITER changed, the file's steps kept
-            new = sorted({max(1, int(round(s * max_iter / file_max_iter))) for s in steps} - {max_iter})
-            how = f"the config file's steps scaled by {max_iter}/{file_max_iter}"
-        else:
-            new = sorted({max(1, int(max_iter * 0.75)), max(1, int(max_iter * 0.92))} - {max_iter})
-            how = "at 75% and 92% of MAX_ITER"
-        fix = "(" + ", ".join(map(str, new)) + ("," if len(new) == 1 else "") + ")"
-        out.append(
-            f"SOLVER.MAX_ITER is {max_iter} but {key} {tuple(steps)} has step(s) {late} at or after it: "
-            f"{never if len(late) == len(steps) else some} {late}. Set {key} \"{fix}\" ({how}) on the command "
-            "line with SOLVER.MAX_ITER.")
-    return out

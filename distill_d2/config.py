@@ -7,8 +7,28 @@ DeFeat, baselines) is a preset: a list of terms (``DISTILL.TERMS``) and their
 settings; keys marked [choice] are reasoned defaults where the papers are
 silent (see docs/METHODS.md). Keys used by one method only are declared by
 its terms (``add_config`` in ``distill_d2/methods/``).
+
+Loading (end of this file): ``load_cfg(config_file, opts)`` / ``setup_cfg(args)`` give the frozen
+config of a command line (defaults + YAML + ``KEY VALUE`` overrides, typo'd keys explained, the
+teacher's YAML path resolved); ``schedule_warnings`` flags SOLVER/DECAY steps past MAX_ITER.
 """
+import contextlib
+import difflib
+import logging
+import os
+import re
+
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from .cli import check_overrides
+from .data.own import register_from_cfg, resolve_num_classes
+from .errors import DistillConfigError, TeacherError
+from .registry import DISTILL_TERM_REGISTRY
+
+logger = logging.getLogger(__name__)
 
 
 def flat_items(node, prefix=""):
@@ -32,6 +52,113 @@ def num_classes(cfg):
     if cfg.MODEL.META_ARCHITECTURE.endswith("RetinaNet"):
         return cfg.MODEL.RETINANET.NUM_CLASSES
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def registered_terms():
+    """(name, class) of every registered distillation term, sorted by name."""
+    return sorted(DISTILL_TERM_REGISTRY, key=lambda kv: kv[0])
+
+
+def renamed_keys():
+    """{old DISTILL key: new DISTILL key} declared by the registered terms (``renamed``)."""
+    return {old: new for _, cls in registered_terms() for old, new in getattr(cls, "renamed", {}).items()}
+
+
+def add_term_configs(distill_node):
+    """Let every registered term declare its keys (``add_config``) in the DISTILL node, then declare the old
+    names of renamed keys (defaults: the new keys'), so a config that still sets them loads; they are moved
+    to the new names (with a warning) by :func:`migrate_renamed_keys`."""
+    for _, cls in registered_terms():
+        add = getattr(cls, "add_config", None)
+        if add is not None:
+            add(distill_node)
+    for old, new in renamed_keys().items():
+        node, *path = old.split(".")[::-1]
+        parent = distill_node
+        for part in reversed(path):
+            parent = parent.setdefault(part, CN())
+        parent[node] = _get(distill_node, new)
+
+
+def _get(node, key):
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(node, key, value):
+    *path, last = key.split(".")
+    for part in path:
+        node = node[part]
+    node[last] = value
+
+
+def migrate_renamed_keys(cfg, dry_run=False):
+    """Move the values of old (renamed) DISTILL keys to their new names, warning once per key, and drop the
+    old keys from ``cfg`` (unfrozen). An old key left at its default is dropped silently. Raises
+    DistillConfigError when an old key and its new name are both set to different values.
+
+    Returns:
+        [(old, new)] of the keys whose value moved (with ``dry_run``: those that would move, nothing changed;
+        an old key merely present counts too).
+    """
+    import logging
+
+    table = renamed_keys()
+    present = [old for old in table if _has(cfg.DISTILL, old)]
+    if dry_run:
+        return [(old, table[old]) for old in present]
+    defaults = {}
+    for old in present:
+        new = table[old]
+        if new not in defaults:
+            defaults[new] = _default(new)
+        value, new_value = _get(cfg.DISTILL, old), _get(cfg.DISTILL, new)
+        if _same(value, defaults[new]):
+            continue
+        if not _same(new_value, defaults[new]) and not _same(new_value, value):
+            raise DistillConfigError(f"DISTILL.{old} (old name) = {value!r} and DISTILL.{new} = {new_value!r} are "
+                                     f"both set: {old} was renamed to {new}; keep only DISTILL.{new}.")
+        logging.getLogger(__name__).warning("DISTILL.%s was renamed to DISTILL.%s: read from the old name (rename "
+                                            "it in your config; the old name will go)", old, new)
+        _set(cfg.DISTILL, new, value)
+    moved = [(old, table[old]) for old in present if not _same(_get(cfg.DISTILL, old), defaults[table[old]])]
+    for old in present:
+        *path, last = old.split(".")
+        parent = cfg.DISTILL
+        for part in path:
+            parent = parent[part]
+        del parent[last]
+        if path and not parent:  # an emptied old node (e.g. DISTILL.BOX)
+            grand = cfg.DISTILL
+            for part in path[:-1]:
+                grand = grand[part]
+            del grand[path[-1]]
+    return moved
+
+
+def _has(node, key):
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _same(a, b):
+    """Equal config values (a list and a tuple of equal items are equal)."""
+    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)  # noqa: E731
+    return norm(a) == norm(b)
+
+
+_DEFAULTS = {}
+
+
+def _default(key):
+    """Default of DISTILL ``key`` (a fresh config; cached)."""
+    if not _DEFAULTS:
+        _DEFAULTS.update(flat_items(default_distill_node()))
+    return _DEFAULTS[key]
 
 
 def add_distill_config(cfg):
@@ -158,9 +285,7 @@ def add_distill_config(cfg):
     # Keys of the other terms (DISTILL.BOX, DISTILL.DEFEAT_CLS,
     # DISTILL.BACKBONE, FEAT.FG_WEIGHT/BG_WEIGHT, ...) are declared by the
     # terms themselves (their add_config, in distill_d2/methods/*.py).
-    from . import methods  # noqa: F401  (registers the terms)
-    from .terms import add_term_configs
-
+    # (importing distill_d2 registers them: distill_d2/__init__.py imports distill_d2.methods)
     add_term_configs(_C)
 
     # ------------------------------------------------------ loss scale guard
@@ -221,3 +346,202 @@ def add_distill_config(cfg):
         cfg.register_renamed_key(f"DISTILL.{old}", "DISTILL.TERMS",
                                  f"list {term} in DISTILL.TERMS to enable it (omit it to disable).")
     return cfg
+
+
+# ------------------------------------------------------------------ loading a command line's config
+def setup_cfg(args):
+    """Config from the command line's ``args.config_file`` + ``args.opts`` (``--eval-only`` does not
+    need the teacher's config file to exist)."""
+    return load_cfg(args.config_file, args.opts, need_teacher=not getattr(args, "eval_only", False))
+
+
+@contextlib.contextmanager
+def _explain_unknown_keys(cfg, config_file):
+    """yacs reports a typo'd key as ``AssertionError: Non-existent key``: say where and suggest keys."""
+    try:
+        yield
+    except (KeyError, AssertionError) as e:
+        m = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
+        if not m:
+            raise
+        key = m.group(1)
+        close = difflib.get_close_matches(key, [k for k, _ in flat_items(cfg)], n=3, cutoff=0.8)
+        raise KeyError(f"Unknown config key {key} (in {config_file} or the command line)"
+                       + (f"; did you mean {' or '.join(close)}?" if close else ".")) from None
+
+
+def load_cfg(config_file, opts=(), need_teacher=True):
+    """Frozen config: detectron2 defaults + DISTILL keys, ``config_file``, then ``opts``
+    (KEY VALUE pairs, any value type); the teacher's config path is resolved to absolute
+    (a missing teacher config is an error only with ``need_teacher``)."""
+    opts = check_overrides(opts)  # pairs, no flag among them (else: put flags before KEY VALUE overrides)
+    cfg = get_cfg()
+    add_distill_config(cfg)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"Config file '{config_file}' not found.")
+    with _explain_unknown_keys(cfg, config_file):
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(opts)
+    register_from_cfg(cfg)  # DATASETS.COCO / DATASETS.VOC, in every process that loads this config
+    resolve_num_classes(cfg)  # NUM_CLASSES -1: the training data's class count
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+        logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu).")
+        cfg.MODEL.DEVICE = "cpu"
+    if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
+        try:
+            # relative: next to the YAML of the _BASE_ chain that sets it; set in opts: from the cwd first
+            cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_teacher_config_file(
+                cfg.DISTILL.TEACHER.CONFIG_FILE, config_file, opts)
+        except (FileNotFoundError, TeacherError):
+            if need_teacher:
+                raise
+    migrate_renamed_keys(cfg)  # old names of renamed DISTILL keys: moved to the new ones, with a warning
+    if not is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
+        check_no_distill_block(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def is_distiller_arch(name):
+    """True when META_ARCH_REGISTRY's ``name`` is a distillation meta-architecture (``is_distiller``);
+    False for a plain detector or an unregistered name."""
+    try:
+        return getattr(META_ARCH_REGISTRY.get(name), "is_distiller", False)
+    except KeyError:
+        return False
+
+
+def default_distill_node():
+    """The DISTILL node of a fresh config: every key at its default (terms' keys included)."""
+    return add_distill_config(get_cfg()).DISTILL
+
+
+def changed_keys(node, default):
+    """Dotted keys (relative to ``node``) whose value differs from ``default``'s (or that it lacks);
+    a list and a tuple of equal items are equal."""
+    d = dict(flat_items(default))
+    return [k for k, v in flat_items(node) if k not in d or not _same(v, d[k])]
+
+
+def check_no_distill_block(cfg):
+    """A DISTILL setting on a plain detector would train a plain student without a word: refuse."""
+    changed = changed_keys(cfg.DISTILL, default_distill_node())
+    if changed:
+        raise DistillConfigError(
+            f"The config sets DISTILL.{', DISTILL.'.join(changed)} but MODEL.META_ARCHITECTURE is "
+            f"'{cfg.MODEL.META_ARCHITECTURE}', a plain detector that ignores them (no distillation would happen). "
+            "Set MODEL.META_ARCHITECTURE to DistillGeneralizedRCNN or DistillRetinaNet, or remove the DISTILL block."
+        )
+
+
+def resolve_config_path(path, config_dir=None):
+    """Absolute path of the teacher's YAML ``path``: tried next to ``config_dir`` (a folder or a list of
+    folders, in order) first, then from the cwd, then as a detectron2 model-zoo name."""
+    if not path:
+        raise TeacherError(
+            "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's detectron2 YAML."
+        )
+    candidates = [path] if os.path.isabs(path) else []
+    if not candidates:
+        dirs = [config_dir] if isinstance(config_dir, str) else list(config_dir or [])
+        candidates = [os.path.join(d, path) for d in dirs if d]
+        if os.path.abspath(path) not in map(os.path.abspath, candidates):
+            candidates.append(os.path.abspath(path))
+    for c in candidates:
+        if os.path.isfile(c):
+            return os.path.abspath(c)
+    try:  # a detectron2 model-zoo name, e.g. COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml
+        from detectron2 import model_zoo
+
+        return model_zoo.get_config_file(path)
+    except RuntimeError:
+        pass
+    raise FileNotFoundError(
+        f"Teacher config '{path}' not found (looked at: {', '.join(candidates)}, and the detectron2 model zoo). "
+        "Fix DISTILL.TEACHER.CONFIG_FILE."
+    )
+
+
+def file_that_sets(config_file, key):
+    """The file of ``config_file``'s ``_BASE_`` chain whose value of the dotted ``key`` the merged config
+    holds: the file itself if it sets it, else its bases (the last listed first, as detectron2 merges
+    them), recursively. None when no file sets it (or a base cannot be read)."""
+    import yaml
+
+    try:
+        with open(config_file) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    node = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            break
+    else:
+        return config_file
+    bases = data.get("_BASE_") if isinstance(data, dict) else None
+    for base in reversed(bases if isinstance(bases, list) else [bases] if bases else []):
+        base = os.path.expanduser(str(base))
+        if base.startswith(("http://", "https://")):
+            continue
+        found = file_that_sets(os.path.join(os.path.dirname(config_file), base), key)
+        if found:
+            return found
+    return None
+
+
+def resolve_teacher_config_file(path, config_file, opts=()):
+    """Absolute path of DISTILL.TEACHER.CONFIG_FILE ``path`` of the config ``config_file`` + ``opts``.
+
+    A relative path is looked up next to the YAML that sets it (in a ``_BASE_`` chain, the file the
+    value comes from, so a user YAML with ``_BASE_: <a preset>`` keeps the preset's teacher), then
+    from the cwd; given in the command-line ``opts``, from the cwd first, then next to ``config_file``.
+    """
+    keys = [str(k) for k in list(opts)[0::2]]
+    config_dir = os.path.dirname(os.path.abspath(config_file))
+    if "DISTILL.TEACHER.CONFIG_FILE" in keys:
+        return resolve_config_path(path, [os.getcwd(), config_dir])
+    setter = file_that_sets(os.path.abspath(config_file), "DISTILL.TEACHER.CONFIG_FILE")
+    return resolve_config_path(path, os.path.dirname(setter) if setter else config_dir)
+
+
+def schedule_warnings(cfg, config_file=None):
+    """Messages for learning-rate (``SOLVER.STEPS``) and step-decay lambda (``DISTILL.DECAY.STEPS``) steps
+    at or after ``SOLVER.MAX_ITER``, which never happen (typically MAX_ITER lowered on the command line
+    and STEPS kept), each with the steps to set: the config file's steps scaled to the new MAX_ITER, or
+    75% / 92% of it."""
+    max_iter = cfg.SOLVER.MAX_ITER
+    file_max_iter, file_steps = None, {}
+    if config_file:
+        try:
+            file_cfg = add_distill_config(get_cfg())
+            file_cfg.merge_from_file(config_file)
+            file_max_iter = file_cfg.SOLVER.MAX_ITER
+            file_steps = {"SOLVER.STEPS": list(file_cfg.SOLVER.STEPS),
+                          "DISTILL.DECAY.STEPS": list(file_cfg.DISTILL.DECAY.STEPS)}
+        except Exception:  # (only for the suggestion)
+            pass
+    out = []
+    checks = [("SOLVER.STEPS", list(cfg.SOLVER.STEPS), "the learning rate never decays",
+               "the learning rate skips the decay step(s)")]
+    if "DISTILL" in cfg and cfg.DISTILL.DECAY.TYPE == "step":
+        checks.append(("DISTILL.DECAY.STEPS", list(cfg.DISTILL.DECAY.STEPS), "the distillation weight never decays",
+                       "the distillation weight skips the decay step(s)"))
+    for key, steps, never, some in checks:
+        late = [s for s in steps if s >= max_iter]
+        if not late:
+            continue
+        if (file_max_iter and file_max_iter != max_iter and steps == file_steps.get(key)
+                and all(s < file_max_iter for s in steps)):  # MAX_ITER changed, the file's steps kept
+            new = sorted({max(1, int(round(s * max_iter / file_max_iter))) for s in steps} - {max_iter})
+            how = f"the config file's steps scaled by {max_iter}/{file_max_iter}"
+        else:
+            new = sorted({max(1, int(max_iter * 0.75)), max(1, int(max_iter * 0.92))} - {max_iter})
+            how = "at 75% and 92% of MAX_ITER"
+        fix = "(" + ", ".join(map(str, new)) + ("," if len(new) == 1 else "") + ")"
+        out.append(
+            f"SOLVER.MAX_ITER is {max_iter} but {key} {tuple(steps)} has step(s) {late} at or after it: "
+            f"{never if len(late) == len(steps) else some} {late}. Set {key} \"{fix}\" ({how}) on the command "
+            "line with SOLVER.MAX_ITER.")
+    return out

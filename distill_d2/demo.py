@@ -42,8 +42,7 @@ def same_config(config, out_dir, opts):
     """True when ``out_dir/config.yaml`` (written when a run starts) equals the merged config now."""
     import yaml
 
-    from .engine import load_cfg
-    from .terms import default_distill_node
+    from .config import default_distill_node, load_cfg
 
     saved = os.path.join(out_dir, "config.yaml")
     if not os.path.isfile(saved):
@@ -215,7 +214,7 @@ def draw_predictions(cfg_file, weights_by_name, out_png, n_images=3, score_thres
     from detectron2.modeling import build_model
     from detectron2.utils.visualizer import Visualizer
 
-    from .engine import load_cfg
+    from .config import load_cfg
 
     cfg = load_cfg(cfg_file, list(opts) + ["MODEL.DEVICE", "cpu"])
     name = cfg.DATASETS.TEST[0]
@@ -282,7 +281,7 @@ VIS_THRESH = {"frcnn": 0.5, "retinanet": 0.3}
 
 def export_distilled_student(config, run_dir, teacher_w, opts=()):
     """Export a distillation run's student (kd_* adapters dropped) to ``<run_dir>/student.pth``."""
-    from .engine import load_cfg
+    from .config import load_cfg
     from .export import export_student
 
     cfg = load_cfg(config, list(opts) + ["DISTILL.TEACHER.WEIGHTS", teacher_w, "MODEL.DEVICE", "cpu"])

@@ -1,11 +1,13 @@
-"""Trainer and command-line set-up shared by train_net.py, the demo and tests."""
+"""The Trainer (detectron2's DefaultTrainer + distillation), evaluators and train_net.py's ``main``.
+
+The config of a command line comes from :func:`distill_d2.config.setup_cfg` / ``load_cfg``.
+"""
 import contextlib
 import json
 import logging
 import os
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.modeling import build_model
@@ -13,11 +15,16 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 
 from .checkpoint import DistillCheckpointer, ModelMeta
-from .config import add_distill_config, flat_items, num_classes, num_classes_key
+from .cli import plain_config_dump, plain_console_logs, use_color
+from .config import is_distiller_arch, num_classes, num_classes_key, schedule_warnings, setup_cfg
 from .data.checks import ACTIONS as CHECK_ACTIONS, NamedErrors, check_dataset_dicts
-from .data.voc import VOCEvaluator, load_problems
+from .data.own import check_class_names
 from .data.resumable import TrainingState, build_resumable_train_loader
-from .hooks import KDWeightScheduler, LossGuard, TeacherEvalHook
+from .data.voc import VOCEvaluator, load_problems
+from .errors import DistillConfigError, TeacherError
+from .export import StudentCheckpointer, student_cfg_from
+from .hooks import KDWeightScheduler, LossGuard, TeacherEvalHook, unwrap
+from .teacher import TeacherFingerprint, get_teacher_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     if kind == "coco+pascal_voc":
         return DatasetEvaluators([COCOEvaluator(dataset_name, output_dir=output_folder, tasks=("bbox",)),
                                   VOCAsSecondEvaluator(dataset_name)])
-    raise ValueError(
+    raise DistillConfigError(
         f"No evaluator for '{kind}' (dataset {dataset_name}): set TEST.EVALUATOR to 'coco', 'pascal_voc' "
         "or 'coco+pascal_voc' (the last needs a Pascal-VOC dataset)."
     )
@@ -50,10 +57,6 @@ class VOCAsSecondEvaluator(VOCEvaluator):
     def evaluate(self):
         res = super().evaluate()
         return {"voc_bbox": res["bbox"]} if res else res
-
-
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 @contextlib.contextmanager
@@ -95,8 +98,6 @@ class Trainer(DefaultTrainer):
         # class names and count, input settings (train datasets' metadata: loaded with the train loader)
         self.checkpointer.add_checkpointable("model_meta", ModelMeta(cfg))
         if getattr(model, "is_distiller", False):
-            from .teacher import TeacherFingerprint
-
             self.checkpointer.add_checkpointable("distill_teacher", TeacherFingerprint(
                 model.teacher_cfg, cfg.DISTILL.TEACHER.ALLOW_CHANGE_ON_RESUME))
 
@@ -118,11 +119,9 @@ class Trainer(DefaultTrainer):
 
         check = cfg.DATALOADER.CHECK
         if check.ACTION not in CHECK_ACTIONS:
-            raise ValueError(f"DATALOADER.CHECK.ACTION must be one of {CHECK_ACTIONS}, got {check.ACTION!r}.")
+            raise DistillConfigError(f"DATALOADER.CHECK.ACTION must be one of {CHECK_ACTIONS}, got {check.ACTION!r}.")
         kwargs = _train_loader_from_config(cfg)
         if check.ENABLED:
-            from .data.own import check_class_names
-
             check_class_names(cfg.DATASETS.TRAIN)  # VOC classes found in the data: a very rare one is a likely typo
             dataset = check_dataset_dicts(
                 kwargs["dataset"], num_classes(cfg), decode=check.DECODE, action=check.ACTION,
@@ -133,7 +132,7 @@ class Trainer(DefaultTrainer):
                 if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
                     dataset = filter_images_with_only_crowd_annotations(dataset)
                 if not dataset:
-                    raise ValueError(f"No training images left in {', '.join(cfg.DATASETS.TRAIN)} after dropping "
+                    raise DistillConfigError(f"No training images left in {', '.join(cfg.DATASETS.TRAIN)} after dropping "
                                      "the bad ones (DATALOADER.CHECK.ACTION drop).")
                 kwargs = _train_loader_from_config(cfg, kwargs["mapper"], dataset=dataset)
         if not (check.ENABLED and check.ACTION == "drop"):  # (drop: annotations of unknown classes are gone)
@@ -142,7 +141,7 @@ class Trainer(DefaultTrainer):
         if not cfg.DATALOADER.EXACT_RESUME:
             return build_detection_train_loader(**kwargs)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-            raise ValueError(f"DATALOADER.EXACT_RESUME needs SAMPLER_TRAIN TrainingSampler (got "
+            raise DistillConfigError(f"DATALOADER.EXACT_RESUME needs SAMPLER_TRAIN TrainingSampler (got "
                              f"{cfg.DATALOADER.SAMPLER_TRAIN}); set DATALOADER.EXACT_RESUME False to use it.")
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         # batches a pure function of (seed, iteration), aspect-ratio grouping included; loader.resumable is
@@ -190,71 +189,9 @@ class Trainer(DefaultTrainer):
         return ret
 
 
-def setup_cfg(args):
-    """Config from the command line's ``args.config_file`` + ``args.opts`` (``--eval-only`` does not
-    need the teacher's config file to exist)."""
-    return load_cfg(args.config_file, args.opts, need_teacher=not getattr(args, "eval_only", False))
-
-
-@contextlib.contextmanager
-def _explain_unknown_keys(cfg, config_file):
-    """yacs reports a typo'd key as ``AssertionError: Non-existent key``: say where and suggest keys."""
-    import difflib
-    import re
-
-    try:
-        yield
-    except (KeyError, AssertionError) as e:
-        m = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
-        if not m:
-            raise
-        key = m.group(1)
-        close = difflib.get_close_matches(key, [k for k, _ in flat_items(cfg)], n=3, cutoff=0.8)
-        raise KeyError(f"Unknown config key {key} (in {config_file} or the command line)"
-                       + (f"; did you mean {' or '.join(close)}?" if close else ".")) from None
-
-
-def load_cfg(config_file, opts=(), need_teacher=True):
-    """Frozen config: detectron2 defaults + DISTILL keys, ``config_file``, then ``opts``
-    (KEY VALUE pairs, any value type); the teacher's config path is resolved to absolute
-    (a missing teacher config is an error only with ``need_teacher``)."""
-    from .cli import check_overrides
-    from .teacher import resolve_teacher_config_file
-
-    opts = check_overrides(opts)  # pairs, no flag among them (else: put flags before KEY VALUE overrides)
-    cfg = get_cfg()
-    add_distill_config(cfg)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"Config file '{config_file}' not found.")
-    with _explain_unknown_keys(cfg, config_file):
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(opts)
-    from .data.own import register_from_cfg, resolve_num_classes
-
-    register_from_cfg(cfg)  # DATASETS.COCO / DATASETS.VOC, in every process that loads this config
-    resolve_num_classes(cfg)  # NUM_CLASSES -1: the training data's class count
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        logger.warning("CUDA is not available: running on CPU (MODEL.DEVICE=cpu).")
-        cfg.MODEL.DEVICE = "cpu"
-    if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
-        try:
-            # relative: next to the YAML of the _BASE_ chain that sets it; set in opts: from the cwd first
-            cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_teacher_config_file(
-                cfg.DISTILL.TEACHER.CONFIG_FILE, config_file, opts)
-        except (FileNotFoundError, ValueError):
-            if need_teacher:
-                raise
-    else:
-        check_no_distill_block(cfg)
-    cfg.freeze()
-    return cfg
-
-
 def _warn_if_other_teacher(cfg, saved):
     """--eval-only: compare the checkpoint's teacher fingerprint ``saved`` (or None) with the configured
     teacher (a warning: inference does not use the teacher, whose files may be gone)."""
-    from .teacher import TeacherError, TeacherFingerprint, get_teacher_cfg
-
     if saved is None:
         return
     try:
@@ -271,32 +208,10 @@ def check_class_count(cfg):
     for name in cfg.DATASETS.TRAIN:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != k:
-            raise ValueError(
+            raise DistillConfigError(
                 f"Dataset '{name}' has {len(classes)} classes ({', '.join(map(str, classes[:10]))}"
                 f"{', ...' if len(classes) > 10 else ''}) but {key} is {k}: set {key} {len(classes)}, or -1 "
                 "to take it from the data (a distillation teacher follows the student's class count).")
-
-
-def is_distiller_arch(name):
-    from detectron2.modeling import META_ARCH_REGISTRY
-
-    try:
-        return getattr(META_ARCH_REGISTRY.get(name), "is_distiller", False)
-    except KeyError:
-        return False
-
-
-def check_no_distill_block(cfg):
-    """A DISTILL setting on a plain detector would train a plain student without a word: refuse."""
-    from .terms import changed_keys, default_distill_node
-
-    changed = changed_keys(cfg.DISTILL, default_distill_node())
-    if changed:
-        raise ValueError(
-            f"The config sets DISTILL.{', DISTILL.'.join(changed)} but MODEL.META_ARCHITECTURE is "
-            f"'{cfg.MODEL.META_ARCHITECTURE}', a plain detector that ignores them (no distillation would happen). "
-            "Set MODEL.META_ARCHITECTURE to DistillGeneralizedRCNN or DistillRetinaNet, or remove the DISTILL block."
-        )
 
 
 def write_results(cfg, results, name="results.json"):
@@ -311,8 +226,6 @@ def main(args):
     """Entry point of train_net.py (run in every launched process)."""
     from detectron2.utils.logger import setup_logger
 
-    from .cli import plain_config_dump, plain_console_logs, schedule_warnings, use_color
-
     cfg = setup_cfg(args)
     with plain_config_dump():  # no terminal escape codes in log.txt
         default_setup(cfg, args)
@@ -326,12 +239,10 @@ def main(args):
     logging.getLogger("distill_d2").info("torch CPU threads: %d", torch.get_num_threads())
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS and not args.resume:
-            raise ValueError("--eval-only needs weights: pass MODEL.WEIGHTS /path/to/model.pth (or --resume).")
+            raise DistillConfigError("--eval-only needs weights: pass MODEL.WEIGHTS /path/to/model.pth (or --resume).")
         # inference never uses the teacher: a distillation config is evaluated as its plain student
         # (distill checkpoint with the kd_* entries dropped), so the teacher's files need not exist
         if is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
-            from .export import StudentCheckpointer, student_cfg_from
-
             student_cfg = student_cfg_from(cfg, keep_weights=True)
             model = build_model(student_cfg)
             # a checkpoint that does not fit the model, DATASETS.TEST's classes or the input settings stops

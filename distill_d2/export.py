@@ -20,6 +20,8 @@ import torch
 from detectron2.modeling import build_model
 
 from .checkpoint import CheckpointFitError, DistillCheckpointer, model_meta, misfit_message
+from .cli import add_override_arguments, parse_args
+from .config import default_distill_node, load_cfg
 
 logger = logging.getLogger(__name__)
 KD_PREFIX = "kd_"
@@ -55,7 +57,6 @@ def student_cfg_from(cfg, keep_weights=False):
     arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
     if not getattr(arch, "is_distiller", False):
         raise ValueError(f"{cfg.MODEL.META_ARCHITECTURE} is not a distillation meta-architecture.")
-    from .terms import default_distill_node
 
     scfg = cfg.clone()
     scfg.defrost()
@@ -108,9 +109,6 @@ def export_student(cfg, input_path, output_path):
 
 
 def main(argv=None):
-    from .cli import add_override_arguments, parse_args
-    from .engine import load_cfg
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="the distillation config the checkpoint was trained with")
     p.add_argument("--input", required=True, help="distillation checkpoint (model_final.pth)")

@@ -1,45 +1,27 @@
-"""Training hooks: the KD weight schedule lambda(iter), the loss scale guard and a one-off teacher evaluation."""
+"""Training hooks: setting the KD weight lambda(iter) (``schedule.kd_weight``) each step, the loss scale
+guard and a one-off teacher evaluation."""
 import logging
-import math
 import statistics
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+
+from .config import default_distill_node, flat_items, is_distiller_arch
+from .errors import DistillConfigError
+from .schedule import kd_weight
+from .teacher import evaluate_teacher
+from .terms import check_choice
 
 logger = logging.getLogger(__name__)
 
 
-def kd_weight(it, max_iter, decay_cfg):
-    """lambda(it), a pure function of the iteration (so resuming is exact).
-
-    Args:
-        it: 0-based iteration of the step about to run.
-        max_iter: SOLVER.MAX_ITER.
-        decay_cfg: the ``DISTILL.DECAY`` config node.
-    Returns:
-        float >= 0 multiplying every distillation loss term.
-    """
-    t = decay_cfg.TYPE
-    end = decay_cfg.END_VALUE
-    frac = min(max(it / max(max_iter, 1), 0.0), 1.0)
-    if t == "linear":
-        lam = 1.0 - (1.0 - end) * frac
-    elif t == "cosine":
-        lam = end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    elif t == "step":
-        lam = decay_cfg.GAMMA ** sum(1 for s in decay_cfg.STEPS if it >= s)
-    elif t == "constant":
-        lam = 1.0
-    else:
-        raise ValueError(f"Unknown DISTILL.DECAY.TYPE '{t}': use linear, cosine, step or constant.")
-    if decay_cfg.WARMUP_ITERS > 0 and it < decay_cfg.WARMUP_ITERS:
-        lam *= it / decay_cfg.WARMUP_ITERS
-    if 0 <= decay_cfg.STOP_ITER <= it:
-        lam = 0.0
-    return lam
+def unwrap(model):
+    """The model a trainer trains: ``model.module`` of a DistributedDataParallel wrapper, else ``model``."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 class KDWeightScheduler(HookBase):
@@ -52,15 +34,11 @@ class KDWeightScheduler(HookBase):
         self._period = print_period
 
     def before_step(self):
-        from .engine import unwrap
-
         lam = kd_weight(self.trainer.iter, self._max_iter, self._cfg)
         unwrap(self.trainer.model).kd_weight = lam
         self.trainer.storage.put_scalar("kd_weight", lam, smoothing_hint=False)
 
     def after_step(self):
-        from .engine import unwrap
-
         storage = self.trainer.storage
         unwrap(self.trainer.model).log_kd_scalars(storage)
         it = self.trainer.iter
@@ -125,7 +103,7 @@ class LossScaleGuard:
                 ("max_ratio_to_det", 1), ("warmup_iters", 1), ("max_growth", 1), ("growth_floor", 0))]
         for key, v, lo in checks:
             if not v >= lo:
-                raise ValueError(f"{key} must be >= {lo}, got {v}.")
+                raise DistillConfigError(f"{key} must be >= {lo}, got {v}.")
         self.window, self.max_growth, self.min_level = int(window), max_growth, min_level
         self.det_check, self.kd, self.weight_note = det_check, kd, weight_note
         self._det = deque(maxlen=self.window)  # det of the last `window` iterations (rescaled, see update)
@@ -259,9 +237,6 @@ class LossScaleGuard:
 def kd_weight_note(cfg):
     """'the config sets DISTILL.FEAT.WEIGHT = 100 (default 1)': the DISTILL weights raised above
     their defaults, for a distillation term's diagnosis ("" when none)."""
-    from .config import flat_items
-    from .terms import default_distill_node
-
     default = dict(flat_items(default_distill_node()))
     raised = [f"DISTILL.{k} = {v:g} (default {default[k]:g})" for k, v in flat_items(cfg.DISTILL)
               if k.split(".")[-1].endswith("WEIGHT") and isinstance(v, (int, float)) and k in default
@@ -271,9 +246,6 @@ def kd_weight_note(cfg):
 
 def guard_from_cfg(cfg):
     """The :class:`LossScaleGuard` of a training config (distillation checks for a distiller)."""
-    from .engine import is_distiller_arch
-    from .terms import check_choice
-
     g = cfg.GUARD
     check_choice("GUARD.ACTION", g.ACTION, ACTIONS)
     kd = None
@@ -317,8 +289,6 @@ class LossGuard(HookBase):
             latest = {k: v for k, (v, i) in self.trainer.storage.latest().items() if i == it}
             losses = {k: v for k, v in latest.items() if k.startswith("loss_")}
             if losses:
-                from .engine import unwrap
-
                 # dense detectors' EMA (each process has its own; the main one's stands for all)
                 norm = getattr(unwrap(self.trainer.model), "loss_normalizer", None)
                 trips = self.guard.update(it, losses, latest.get("kd_weight", 1.0), norm)
@@ -339,9 +309,6 @@ class TeacherEvalHook(HookBase):
     """Evaluates the (frozen) teacher once before training; logs ``teacher/<dataset>/<metric>``."""
 
     def before_train(self):
-        from .engine import unwrap
-        from .teacher import evaluate_teacher
-
         trainer = self.trainer
         model = unwrap(trainer.model)
         results = evaluate_teacher(

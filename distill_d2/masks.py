@@ -15,10 +15,8 @@ axis-aligned cell rectangles, painted with a 2-D difference array.
 """
 import torch
 import torch.nn.functional as F
-from fvcore.common.registry import Registry
 
-MASK_REGISTRY = Registry("DISTILL_MASK")
-MASK_REGISTRY.__doc__ = "Feature-distillation masks: fn(gt_boxes, level_shapes, cfg) -> {level: (N,H,W)}."
+from .registry import MASK_REGISTRY
 
 # Most elements of the (boxes, H, W) outer-product block that gaussian_mask allocates at once
 # (one box per block when a single grid is larger).
@@ -136,11 +134,25 @@ def _centre_cells(b, height, width):
     return torch.cat([c, c + 1], dim=1)
 
 
+def _box_cell_rects(boxes, stride, height, width):
+    """The ``box`` rule's cells of each box on one grid: ``(inside, centre, empty)``.
+
+    ``inside`` (K, 4) long: the cells whose centre is inside the box (:func:`_centre_inside_rects`);
+    ``centre`` (K, 4) long: the cell holding the box centre (:func:`_centre_cells`); ``empty`` (K,)
+    bool: ``inside`` holds no cell, so the box's cells are ``centre`` (else they are ``inside``).
+    """
+    b = boxes / stride
+    inside = _centre_inside_rects(b, height, width)
+    empty = (inside[:, 2] == inside[:, 0]) | (inside[:, 3] == inside[:, 1])
+    return inside, _centre_cells(b, height, width), empty
+
+
 def _box_masks(img, boxes, num_images, stride, height, width):
     """(num_images, height, width) binary box masks of all images' boxes (``box_mask`` rule)."""
-    b = boxes / stride
-    rects = torch.cat([_centre_inside_rects(b, height, width), _centre_cells(b, height, width)])
-    return _paint_rects(torch.cat([img, img]), rects, num_images, height, width, boxes.dtype)
+    inside, centre, empty = _box_cell_rects(boxes, stride, height, width)
+    weight = torch.cat([torch.ones_like(empty), empty])  # a centre cell only for a box holding no centre
+    return _paint_rects(torch.cat([img, img]), torch.cat([inside, centre]), num_images, height, width,
+                        boxes.dtype, weight)
 
 
 @MASK_REGISTRY.register()
@@ -258,9 +270,7 @@ def defeat_backbone_masks(gt_boxes, level_shapes, base_stride=4):
 def box_membership(boxes, stride, height, width):
     """(K, H, W) bool: the cells of each box by the ``box`` mask rule (cells whose centre is inside
     the box; a box containing no centre: the cell holding its centre)."""
-    b = boxes / stride
-    inside = _centre_inside_rects(b, height, width)
-    centre = _centre_cells(b, height, width)
+    inside, centre, empty = _box_cell_rects(boxes, stride, height, width)
     rows = torch.arange(height, device=boxes.device)
     cols = torch.arange(width, device=boxes.device)
 
@@ -269,7 +279,7 @@ def box_membership(boxes, stride, height, width):
         cx = (cols[None] >= r[:, 0:1]) & (cols[None] < r[:, 2:3])
         return ry[:, :, None] & cx[:, None, :]
 
-    return cover(inside) | cover(centre)
+    return cover(inside) | (cover(centre) & empty[:, None, None])
 
 
 def area_balanced_box_mask(boxes, stride, height, width):

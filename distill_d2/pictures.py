@@ -59,8 +59,8 @@ def parse_args(argv=None):
 
 
 def load_distill_cfg(config_file, opts):
-    """The frozen config (``engine.load_cfg``; MODEL.DEVICE cpu unless ``opts`` sets it); must be a distiller."""
-    from .engine import is_distiller_arch, load_cfg
+    """The frozen config (``config.load_cfg``; MODEL.DEVICE cpu unless ``opts`` sets it); must be a distiller."""
+    from .config import is_distiller_arch, load_cfg
 
     cfg = load_cfg(config_file, ["MODEL.DEVICE", "cpu"] + list(opts))
     if not is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):

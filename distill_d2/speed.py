@@ -48,7 +48,8 @@ def main(argv=None):
 
     import distill_d2  # noqa: F401
 
-    from .engine import Trainer, load_cfg
+    from .config import load_cfg
+    from .engine import Trainer
     from .teacher import get_teacher_cfg
 
     models, tmp, data_cfg = [], tempfile.mkdtemp(), None

@@ -14,84 +14,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
 from .checkpoint import DistillCheckpointer
+from .config import add_distill_config, flat_items, num_classes, resolve_config_path
+from .errors import TeacherError
 
 logger = logging.getLogger(__name__)
-
-
-class TeacherError(ValueError):
-    """A teacher/student set-up problem; the message says what to change."""
-
-
-def resolve_config_path(path, config_dir=None):
-    """Absolute path of ``path``: tried next to ``config_dir`` (a folder or a list of folders, in
-    order) first, then from the cwd, then as a detectron2 model-zoo name."""
-    if not path:
-        raise TeacherError(
-            "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's detectron2 YAML."
-        )
-    candidates = [path] if os.path.isabs(path) else []
-    if not candidates:
-        dirs = [config_dir] if isinstance(config_dir, str) else list(config_dir or [])
-        candidates = [os.path.join(d, path) for d in dirs if d]
-        if os.path.abspath(path) not in map(os.path.abspath, candidates):
-            candidates.append(os.path.abspath(path))
-    for c in candidates:
-        if os.path.isfile(c):
-            return os.path.abspath(c)
-    try:  # a detectron2 model-zoo name, e.g. COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml
-        from detectron2 import model_zoo
-
-        return model_zoo.get_config_file(path)
-    except RuntimeError:
-        pass
-    raise FileNotFoundError(
-        f"Teacher config '{path}' not found (looked at: {', '.join(candidates)}, and the detectron2 model zoo). "
-        "Fix DISTILL.TEACHER.CONFIG_FILE."
-    )
-
-
-def file_that_sets(config_file, key):
-    """The file of ``config_file``'s ``_BASE_`` chain whose value of the dotted ``key`` the merged config
-    holds: the file itself if it sets it, else its bases (the last listed first, as detectron2 merges
-    them), recursively. None when no file sets it (or a base cannot be read)."""
-    import yaml
-
-    try:
-        with open(config_file) as f:
-            data = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    node = data
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            break
-    else:
-        return config_file
-    bases = data.get("_BASE_") if isinstance(data, dict) else None
-    for base in reversed(bases if isinstance(bases, list) else [bases] if bases else []):
-        base = os.path.expanduser(str(base))
-        if base.startswith(("http://", "https://")):
-            continue
-        found = file_that_sets(os.path.join(os.path.dirname(config_file), base), key)
-        if found:
-            return found
-    return None
-
-
-def resolve_teacher_config_file(path, config_file, opts=()):
-    """Absolute path of DISTILL.TEACHER.CONFIG_FILE ``path`` of the config ``config_file`` + ``opts``.
-
-    A relative path is looked up next to the YAML that sets it (in a ``_BASE_`` chain, the file the
-    value comes from, so a user YAML with ``_BASE_: <a preset>`` keeps the preset's teacher), then
-    from the cwd; given in the command-line ``opts``, from the cwd first, then next to ``config_file``.
-    """
-    keys = [str(k) for k in list(opts)[0::2]]
-    config_dir = os.path.dirname(os.path.abspath(config_file))
-    if "DISTILL.TEACHER.CONFIG_FILE" in keys:
-        return resolve_config_path(path, [os.getcwd(), config_dir])
-    setter = file_that_sets(os.path.abspath(config_file), "DISTILL.TEACHER.CONFIG_FILE")
-    return resolve_config_path(path, os.path.dirname(setter) if setter else config_dir)
 
 
 #: teacher settings taken from the student config unless DISTILL.TEACHER.OPTS sets them
@@ -102,8 +28,6 @@ FOLLOW_STUDENT = ("DATASETS.TRAIN", "DATASETS.TEST",
 
 def get_teacher_cfg(cfg):
     """The teacher's config: its YAML, then DISTILL.TEACHER.OPTS, weights override, student device."""
-    from .config import add_distill_config, flat_items, num_classes
-
     tcfg = get_cfg()
     add_distill_config(tcfg)
     tcfg.merge_from_file(resolve_config_path(cfg.DISTILL.TEACHER.CONFIG_FILE))
@@ -197,9 +121,13 @@ def freeze(model):
     return model
 
 
-def build_teacher(cfg):
-    """Build, load and freeze the teacher described by ``cfg.DISTILL.TEACHER``."""
-    tcfg = get_teacher_cfg(cfg)
+def build_teacher(cfg, teacher_cfg=None):
+    """Build, load and freeze the teacher described by ``cfg.DISTILL.TEACHER``; returns (model, teacher cfg).
+
+    ``teacher_cfg``: the teacher's config when the caller already has it (``get_teacher_cfg(cfg)``),
+    so it is built once per model build; None builds it here.
+    """
+    tcfg = get_teacher_cfg(cfg) if teacher_cfg is None else teacher_cfg
     model = build_model(tcfg)
     load_teacher_weights(model, tcfg.MODEL.WEIGHTS, strict=cfg.DISTILL.TEACHER.STRICT_LOAD)
     n = sum(p.numel() for p in model.parameters())
@@ -208,14 +136,13 @@ def build_teacher(cfg):
     return freeze(model), tcfg
 
 
-def check_compatible(student_backbone, teacher_backbone, levels, student_cfg, teacher_cfg):
-    """Abort with a clear message when teacher and student cannot be distilled.
+def check_compatible(student_backbone, teacher_backbone, student_cfg, teacher_cfg):
+    """TeacherError when teacher and student cannot be distilled: class counts differ, or the backbones'
+    ``size_divisibility`` (image padding) differs, so feature maps would not align.
 
-    Checks: number of classes, ``size_divisibility`` and the stride of every
-    distilled feature level (feature maps must align cell by cell).
+    Per-level checks (a level both models produce, at equal stride) belong to the terms that distil
+    the level, at their build.
     """
-    from .config import num_classes
-
     s_k, t_k = num_classes(student_cfg), num_classes(teacher_cfg)
     if s_k != t_k:
         raise TeacherError(
@@ -229,20 +156,6 @@ def check_compatible(student_backbone, teacher_backbone, levels, student_cfg, te
         raise TeacherError(
             f"size_divisibility mismatch: student pads images to a multiple of {s_div}, the teacher to "
             f"{t_div}; feature maps would not align. Use backbones with the same padding (e.g. both FPN)."
-        )
-    s_shape, t_shape = student_backbone.output_shape(), teacher_backbone.output_shape()
-    missing = [lv for lv in levels if lv not in s_shape or lv not in t_shape]
-    if missing:
-        raise TeacherError(
-            f"Feature level(s) {missing} requested in DISTILL.FEAT.LEVELS are not produced by both models "
-            f"(student has {sorted(s_shape)}, teacher has {sorted(t_shape)}). Distil only common levels."
-        )
-    bad = [f"{lv} (student stride {s_shape[lv].stride}, teacher {t_shape[lv].stride})"
-           for lv in levels if s_shape[lv].stride != t_shape[lv].stride]
-    if bad:
-        raise TeacherError(
-            "Stride mismatch on feature level(s) " + ", ".join(bad)
-            + ": maps must align cell by cell. Distil only levels of equal stride (DISTILL.FEAT.LEVELS)."
         )
 
 
@@ -307,8 +220,6 @@ class TeacherFingerprint:
 
 def teacher_settings(teacher_cfg):
     """{dotted key: value} of what defines the teacher's outputs: MODEL.* (but WEIGHTS, DEVICE) and INPUT.FORMAT."""
-    from .config import flat_items
-
     out = {"INPUT.FORMAT": teacher_cfg.INPUT.FORMAT}
     out.update((k, list(v) if isinstance(v, tuple) else v) for k, v in flat_items(teacher_cfg.MODEL, "MODEL.")
                if k not in ("MODEL.WEIGHTS", "MODEL.DEVICE"))
@@ -329,3 +240,41 @@ def evaluate_teacher(teacher, teacher_cfg, dataset_names, build_evaluator, build
         results[name] = inference_on_dataset(teacher, loader, build_evaluator(name))
         logger.info("Teacher results on %s: %s", name, results[name])
     return results
+
+
+# ------------------------------------------------------------------ head checks (called by the terms' check_teacher)
+def check_same_anchors(student, teacher, terms="the head terms"):
+    """Dense-head KD compares predictions anchor by anchor: same anchors on the same levels (RetinaNet pair)."""
+    s_ag, t_ag = student.anchor_generator, teacher.anchor_generator
+    s_levels = [student.backbone.output_shape()[f].stride for f in student.head_in_features]
+    t_levels = [teacher.backbone.output_shape()[f].stride for f in teacher.head_in_features]
+    same = (
+        s_levels == t_levels
+        and list(s_ag.strides) == list(t_ag.strides)
+        and s_ag.offset == t_ag.offset
+        and len(s_ag.cell_anchors) == len(t_ag.cell_anchors)
+        and all(a.shape == b.shape and torch.allclose(a.cpu(), b.cpu())
+                for a, b in zip(s_ag.cell_anchors, t_ag.cell_anchors))
+    )
+    if not same:
+        raise TeacherError(
+            "RetinaNet head KD compares predictions anchor by anchor, but teacher and student anchors differ "
+            f"(student head strides {s_levels}, teacher {t_levels}; cell anchors per level "
+            f"{[tuple(a.shape) for a in s_ag.cell_anchors]} vs {[tuple(a.shape) for a in t_ag.cell_anchors]}). "
+            "Use the same MODEL.ANCHOR_GENERATOR (SIZES, ASPECT_RATIOS, OFFSET) and MODEL.RETINANET.IN_FEATURES, "
+            f"or remove {terms} from DISTILL.TERMS."
+        )
+
+
+def check_same_box_coders(student, teacher, terms="the box term"):
+    """Box KD compares (or decodes the teacher's) deltas with the student's coder: both must encode alike."""
+    if hasattr(student, "roi_heads"):
+        s_t, t_t = student.roi_heads.box_predictor.box2box_transform, teacher.roi_heads.box_predictor.box2box_transform
+        key = "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS"
+    else:
+        s_t, t_t, key = student.box2box_transform, teacher.box2box_transform, "MODEL.RETINANET.BBOX_REG_WEIGHTS"
+    if tuple(s_t.weights) != tuple(t_t.weights):
+        raise TeacherError(
+            f"Box KD compares deltas, but the student encodes boxes with weights {s_t.weights} and the teacher "
+            f"with {t_t.weights}: set the same {key} or remove {terms} from DISTILL.TERMS."
+        )

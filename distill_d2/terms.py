@@ -15,36 +15,46 @@ A method is a set of terms listed in ``DISTILL.TERMS`` (names in
 Class attributes a term declares:
 
 * ``families``: student detector families it supports ("rcnn", "dense");
-* ``needs``: ``{"heads"}`` if it reads ``record.rois`` / ``record.dense`` (both
-  heads on the shared samples; a same-family teacher is then required);
+* ``needs``: what it reads beyond the features (:mod:`distill_d2.record`):
+  ``"heads"`` for ``record.rois`` / ``record.dense`` (both heads on the shared
+  samples), names of ``RECORD_REGISTRY`` entries (teacher passes, e.g.
+  ``"teacher_rois"``), :class:`~distill_d2.record.Tap` and
+  :class:`~distill_d2.record.CrossPass` objects; read with ``record.get(need)``.
+  Set it in ``__init__`` when it depends on the config. Head outputs and
+  teacher passes require a same-family teacher (``"same_family"`` says so alone);
 * ``reads``: the ``DISTILL`` keys it uses (fnmatch patterns such as
   ``"FEAT.*"``). A key changed from its default that no enabled term reads is
   an error, so a setting cannot be silently ignored;
 * ``add_config(distill_node)`` (optional classmethod): declares the term's own
   keys with defaults; called by ``add_distill_config`` for every registered term.
 * ``nonnegative``: ``DISTILL`` keys (patterns) that must be finite and >= 0 beyond
-  the ones every term gets checked: any key named ``*WEIGHT`` / ``*WEIGHTS``.
+  the ones every term gets checked: any key named ``*WEIGHT`` / ``*WEIGHTS``;
+* ``renamed``: ``{old key: new key}`` (relative to ``DISTILL``) of keys the term
+  moved; an old name still works, with a warning (:func:`distill_d2.config.migrate_renamed_keys`);
+* ``by_family``: for a term with one implementation per detector family,
+  ``{"rcnn": subclass, "dense": subclass}`` (``Term(cfg, ctx)`` builds the
+  student's one).
 
 See docs/ADDING_A_METHOD.md for a worked example.
 """
 import fnmatch
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict
 
 import torch.nn as nn
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
-from fvcore.common.registry import Registry
 
 from .adapters import build_adapters
-from .teacher import TeacherError
+from .config import changed_keys, default_distill_node, flat_items, migrate_renamed_keys
+from .errors import DistillConfigError, TeacherError
+from .masks import build_masks
+from .record import BUILTIN_NEEDS, CrossPass, Tap
+from .registry import DISTILL_TERM_REGISTRY, MASK_REGISTRY, RECORD_REGISTRY
 
 logger = logging.getLogger(__name__)
-
-DISTILL_TERM_REGISTRY = Registry("DISTILL_TERM")
-DISTILL_TERM_REGISTRY.__doc__ = """
-Distillation terms (``nn.Module``): ``Term(cfg, ctx)``; ``forward(record) -> (losses, scalars)``.
-"""
 
 FAMILY_NAMES = {"rcnn": "Faster R-CNN (DistillGeneralizedRCNN)", "dense": "RetinaNet (DistillRetinaNet)"}
 #: DISTILL keys every distiller reads itself (not owned by a term).
@@ -53,10 +63,6 @@ COMMON_KEYS = ("TEACHER.*", "DECAY.*", "GUARD.*", "TERMS", "UNUSED_KEYS")
 #: (loss weights, checked for every term): the decay's end value and step factor. A term declares
 #: more in its ``nonnegative`` attribute (fnmatch patterns).
 NONNEGATIVE_KEYS = ("DECAY.END_VALUE", "DECAY.GAMMA")
-
-
-class DistillConfigError(ValueError):
-    """A DISTILL setting that cannot work; the message names the key and the fix."""
 
 
 @dataclass
@@ -81,6 +87,16 @@ class DistillTerm(nn.Module):
     nonnegative = ()
     #: old checkpoint prefix of this term's adapters (``kd_adapters`` / ``kd_bb_adapters``), upgraded on load
     legacy_prefix = None
+    #: {old DISTILL key: new DISTILL key} of keys this term moved (old names read with a warning)
+    renamed = {}
+    #: {family: subclass} for a term implemented once per detector family: ``Term(cfg, ctx)`` builds the
+    #: subclass of ``ctx.family``
+    by_family = None
+
+    def __new__(cls, cfg=None, ctx=None, *args, **kwargs):
+        if cls.by_family and ctx is not None:
+            cls = cls.by_family[ctx.family]
+        return super().__new__(cls)
 
     def __init__(self, cfg, ctx):
         super().__init__()
@@ -145,21 +161,119 @@ def check_choice(key, value, choices):
         raise DistillConfigError(f"Unknown {key} '{value}': use one of {list(choices)}.")
 
 
+def check_mask(key, name):
+    check_choice(key, name, sorted(k for k, _ in MASK_REGISTRY))
+
+
+def lookup(node, key):
+    """``node``'s value at dotted ``key`` (e.g. ``lookup(cfg.DISTILL, "HGD.LEVELS")``)."""
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+class FeatureTerm(DistillTerm):
+    """Base of the per-level feature terms: student maps S_l through an adapter A_l towards the teacher's T_l.
+
+    A subclass names its keys (dotted under ``DISTILL``): ``levels_key`` (the distilled levels, validated
+    against both models: present, equal strides; kept finest first in ``levels``) and ``adapter_key``
+    (ADAPTER_REGISTRY kind; adapters in ``adapters``, saved as ``kd_terms.<Term>.adapters.*``). With
+    ``resize``, an adapted map whose size differs from the teacher's is resized to it (bilinear) and the
+    masks are built on the teacher's grid. ``masks`` defaults to ``mask_key`` (MASK_REGISTRY) from the gt
+    boxes, with the node of ``mask_key`` as its settings; ``explain`` shows them as ``mask_picture``.
+    """
+
+    levels_key = "FEAT.LEVELS"
+    adapter_key = "FEAT.ADAPTER"
+    mask_key = None
+    mask_picture = "feat_mask"
+    resize = False
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        d = cfg.DISTILL
+        self.levels = distilled_levels(ctx, lookup(d, self.levels_key), f"DISTILL.{self.levels_key}")
+        self.adapters = level_adapters(ctx, lookup(d, self.adapter_key), self.levels, f"DISTILL.{self.adapter_key}")
+        if self.mask_key:
+            check_mask(f"DISTILL.{self.mask_key}", lookup(d, self.mask_key))
+            self.mask_name = lookup(d, self.mask_key)
+            self.mask_cfg = lookup(d, self.mask_key.rsplit(".", 1)[0]) if "." in self.mask_key else d
+
+    def grid(self, rec):
+        """Ordered {level: (stride, H, W)} of the grids the loss is computed on (the teacher's with ``resize``)."""
+        maps = rec.t_features if self.resize else rec.features
+        return {lv: (rec.strides[lv], *maps[lv].shape[-2:]) for lv in self.levels}
+
+    def adapted(self, rec):
+        """{level: A_l(S_l)} (N, C_t, H, W), the student's maps in the teacher's channels (resized with ``resize``)."""
+        out = {}
+        for lv in self.levels:
+            a = self.adapters[lv](rec.features[lv])
+            t = rec.t_features[lv]
+            if self.resize and a.shape[-2:] != t.shape[-2:]:
+                a = F.interpolate(a, size=t.shape[-2:], mode="bilinear", align_corners=False)
+            out[lv] = a
+        return out
+
+    def targets(self, rec):
+        """{level: T_l} (N, C_t, H, W), the teacher's maps (no grad)."""
+        return {lv: rec.t_features[lv] for lv in self.levels}
+
+    def masks(self, rec):
+        """{level: (N, H_l, W_l)} spatial weights on :meth:`grid`."""
+        return build_masks(self.mask_name, rec.gt_boxes, self.grid(rec), self.mask_cfg)
+
+    def explain(self, rec):
+        return {"maps": {self.mask_picture: self.masks(rec)}}
+
+
 # ------------------------------------------------------------------ building and checking
-def add_term_configs(distill_node):
-    """Let every registered term declare its keys (``add_config``) in the DISTILL node."""
-    for _, cls in sorted(DISTILL_TERM_REGISTRY, key=lambda kv: kv[0]):
-        add = getattr(cls, "add_config", None)
-        if add is not None:
-            add(distill_node)
+def check_needs(name, cls, needs, ctx):
+    """The ``needs`` of term ``name`` can be served for this student/teacher pair (names, families)."""
+    registered = sorted(k for k, _ in RECORD_REGISTRY if k != "cross_pass")
+    same_family = ctx.teacher_family == ctx.family
+    for need in needs:
+        if isinstance(need, (Tap, CrossPass)):
+            if isinstance(need, CrossPass) and not same_family:
+                raise DistillConfigError(
+                    f"DISTILL.TERMS: {name} runs the student's features through the teacher's head (a cross "
+                    f"pass), but the teacher ({ctx.teacher_cfg.MODEL.META_ARCHITECTURE}) is not of the student's "
+                    f"family ({FAMILY_NAMES[ctx.family]}). Use a teacher of the same family.")
+            continue
+        if need in BUILTIN_NEEDS:
+            fn = None
+        else:
+            try:
+                fn = RECORD_REGISTRY.get(need)
+            except KeyError:
+                raise DistillConfigError(f"Term {name} needs '{need}', which the step record cannot supply: use "
+                                         f"'heads', a Tap, a CrossPass or one of {registered}.") from None
+            if ctx.family not in fn.families:
+                raise DistillConfigError(f"DISTILL.TERMS: {name} needs '{need}', which only a "
+                                         f"{' or '.join(FAMILY_NAMES[f] for f in fn.families)} student has.")
+        if (fn is None or fn.same_family) and not same_family:
+            what = ("compares the two detectors' head outputs" if need == "heads"
+                    else "runs the teacher's own RPN or heads")
+            raise DistillConfigError(
+                f"DISTILL.TERMS: {name} {what}, but the teacher "
+                f"({ctx.teacher_cfg.MODEL.META_ARCHITECTURE}) is not of the student's family "
+                f"({FAMILY_NAMES[ctx.family]}). Use a teacher of the same family, or only feature terms "
+                "(e.g. FeatureKD, DecoupledFeatureKD) for cross-family pairs."
+            )
 
 
 def build_terms(cfg, ctx):
-    """Build the terms of ``cfg.DISTILL.TERMS`` after checking names, families and unread keys.
+    """Build the terms of ``cfg.DISTILL.TERMS`` after checking names, families, needs and unread keys
+    (old names of renamed keys are read, with a warning).
 
     Returns:
         nn.ModuleDict {term name: term}, in the order listed.
     """
+    if migrate_renamed_keys(cfg, dry_run=True):
+        cfg = cfg.clone()
+        cfg.defrost()
+        migrate_renamed_keys(cfg)
+        cfg.freeze()
     names = list(cfg.DISTILL.TERMS)
     registered = sorted(k for k, _ in DISTILL_TERM_REGISTRY)
     if not names:
@@ -183,18 +297,15 @@ def build_terms(cfg, ctx):
                 f"(it supports {[FAMILY_NAMES[f] for f in cls.families]}). "
                 + _alternatives(n, ctx.family)
             )
-        if cls.needs & {"heads", "same_family"} and ctx.teacher_family != ctx.family:
-            what = ("compares the two detectors' head outputs" if "heads" in cls.needs
-                    else "runs the teacher's own RPN or heads")
-            raise DistillConfigError(
-                f"DISTILL.TERMS: {n} {what}, but the teacher "
-                f"({ctx.teacher_cfg.MODEL.META_ARCHITECTURE}) is not of the student's family "
-                f"({FAMILY_NAMES[ctx.family]}). Use a teacher of the same family, or only feature terms "
-                "(e.g. FeatureKD, DecoupledFeatureKD) for cross-family pairs."
-            )
+        variant = cls.by_family[ctx.family] if cls.by_family else cls
+        check_needs(n, variant, variant.needs, ctx)
     check_weights(cfg.DISTILL, classes)
     check_unread_keys(cfg, names, classes)
-    return nn.ModuleDict({n: cls(cfg, ctx) for n, cls in zip(names, classes)})
+    terms = {}
+    for n, cls in zip(names, classes):
+        term = terms[n] = cls(cfg, ctx)
+        check_needs(n, cls, term.needs, ctx)  # (a term may set its needs from the config)
+    return nn.ModuleDict(terms)
 
 
 def is_weight_key(key, classes=()):
@@ -209,10 +320,6 @@ def check_weights(distill_node, classes=()):
     """Every weight of every DISTILL key (:func:`is_weight_key`; lists element by element; file paths such as
     TEACHER.WEIGHTS skipped) is a finite number >= 0, else DistillConfigError naming the key: a negative weight turns a loss into a reward
     the optimizer drives to -inf (the total loss falls without bound while training looks fine)."""
-    import math
-
-    from .config import flat_items
-
     for key, value in flat_items(distill_node):
         if not is_weight_key(key, classes) or isinstance(value, str):  # (a str: a file, TEACHER.WEIGHTS)
             continue
@@ -236,26 +343,6 @@ def _alternatives(name, family):
     return f"Terms for this family that read the same settings: {sorted(same_reads)}." if same_reads else ""
 
 
-def changed_keys(node, default):
-    """Dotted keys (relative to ``node``) whose value differs from ``default``'s (or that it lacks)."""
-    from .config import flat_items
-
-    d = dict(flat_items(default))
-    return [k for k, v in flat_items(node) if k not in d or _norm(v) != _norm(d[k])]
-
-
-def _norm(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def default_distill_node():
-    from detectron2.config import get_cfg
-
-    from .config import add_distill_config
-
-    return add_distill_config(get_cfg()).DISTILL
-
-
 def check_unread_keys(cfg, names, classes):
     """Abort (or warn, with ``DISTILL.UNUSED_KEYS warn``) when a DISTILL key differs from its
     default but no enabled term reads it."""
@@ -265,8 +352,6 @@ def check_unread_keys(cfg, names, classes):
               if not any(fnmatch.fnmatchcase(k, p) for p in patterns)]
     if not unread:
         return
-    from .config import flat_items
-
     values, lines = dict(flat_items(cfg.DISTILL)), []
     for k in unread:
         readers = sorted(n for n, c in DISTILL_TERM_REGISTRY if any(fnmatch.fnmatchcase(k, p) for p in c.reads))

@@ -85,7 +85,7 @@ def adapters(model, term=None):
 
 def tiny_cfg(config_file, *opts):
     """Load a config with TINY_OPTS + ``opts`` (strings) through train_net's set-up."""
-    from distill_d2.engine import load_cfg
+    from distill_d2.config import load_cfg
 
     path = config_file if os.path.isabs(config_file) else os.path.join(SYN, config_file)
     return load_cfg(path, TINY_OPTS + list(opts))

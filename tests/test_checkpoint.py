@@ -6,6 +6,7 @@ from detectron2.modeling import build_model
 
 from conftest import tiny_cfg
 from distill_d2.checkpoint import DistillCheckpointer, convert_torchvision_resnet
+from distill_d2.errors import DistillConfigError
 
 
 def _randomise_bn(model, seed=0):
@@ -55,7 +56,7 @@ def test_torchvision_resnet_loads_exactly(depth, res2, tmp_path):
 def test_bottleneck_stride_mismatch_is_named(tmp_path):
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "tv50.pth")
     cfg = tiny_cfg("faster_rcnn_R18_student.yaml", "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256)
-    with pytest.raises(ValueError, match="STRIDE_IN_1X1 False"):
+    with pytest.raises(DistillConfigError, match="STRIDE_IN_1X1 False"):
         DistillCheckpointer(build_model(cfg)).load(str(tmp_path / "tv50.pth"))
 
 
@@ -71,7 +72,7 @@ def test_student_and_teacher_weights_from_torchvision(tmp_path, teacher_ckpt):
     trainer.resume_or_load(resume=False)
     assert torch.equal(trainer.model.backbone.bottom_up.res5[1].conv2.weight, tv.layer4[1].conv2.weight)
     # a torchvision file as the teacher: the backbone loads, the detector heads are reported missing (strict)
-    from distill_d2.teacher import TeacherError
+    from distill_d2.errors import TeacherError
 
     model = build_model(tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", str(tmp_path / "r18.pth"),
                                  "DISTILL.TEACHER.OPTS", "['MODEL.RESNETS.DEPTH', 18]"))

@@ -7,8 +7,8 @@ import re
 import pytest
 
 from conftest import REPO, SYN, TINY_OPTS
-from distill_d2.cli import OverrideError, check_overrides, parse_args, schedule_warnings
-from distill_d2.engine import load_cfg
+from distill_d2.cli import OverrideError, check_overrides, parse_args
+from distill_d2.config import load_cfg, schedule_warnings
 
 
 def train_net_parser():

@@ -8,7 +8,7 @@ from detectron2 import model_zoo
 from detectron2.modeling import build_model
 
 from conftest import REPO, adapters
-from distill_d2.engine import setup_cfg
+from distill_d2.config import setup_cfg
 
 VENDORED = ["Base-RCNN-FPN.yaml", "Base-RetinaNet.yaml"] + [
     os.path.join("COCO-Detection", f + ".yaml")

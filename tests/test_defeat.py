@@ -6,7 +6,7 @@ import torch
 from detectron2.config import CfgNode
 
 from distill_d2.adapters import build_adapters
-from distill_d2.losses import decoupled_feature_loss
+from distill_d2.methods.defeat import decoupled_feature_loss
 from distill_d2.masks import build_masks, defeat_backbone_masks, defeat_levels, floor_box_mask
 
 CFG = CfgNode({"DEFEAT_CANONICAL_SIZE": 56.0})

@@ -15,7 +15,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import REPO, SYN, TINY_OPTS, adapters, tiny_cfg
 from distill_d2.export import export_student, student_cfg_from
-from distill_d2.teacher import TeacherError
+from distill_d2.errors import TeacherError
 
 TAR = "tar_R34_to_R18.yaml"
 
@@ -239,7 +239,7 @@ def test_trainer_decay_logging_resume_teacher_eval_and_eval_only(teacher_ckpt, t
     from detectron2.engine import default_argument_parser
 
     from distill_d2.engine import Trainer, main
-    from distill_d2.hooks import kd_weight
+    from distill_d2.schedule import kd_weight
 
     out = tmp_path / "run"
     opts = ["SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2, "DISTILL.GUARD.ACTION", "warn", "OUTPUT_DIR", str(out),

@@ -9,8 +9,8 @@ from detectron2.utils.events import EventStorage
 
 from conftest import adapters, tiny_cfg
 from distill_d2.export import export_student, student_cfg_from
-from distill_d2.teacher import TeacherError
-from distill_d2.terms import DistillConfigError
+from distill_d2.errors import TeacherError
+from distill_d2.errors import DistillConfigError
 from test_distill_rcnn import batches, train_steps
 
 

@@ -25,7 +25,7 @@ def recorded(name):
 
 def preset_guard(rec, *opts):
     """The guard of the recorded run's config and opts with both guards on (their default), + ``opts``."""
-    from distill_d2.engine import load_cfg
+    from distill_d2.config import load_cfg
     from distill_d2.hooks import guard_from_cfg
 
     o = rec["opts"]
@@ -150,7 +150,7 @@ def test_replayed_weight_x1e4_stops_naming_the_weight():
 
 
 def test_replayed_gated_box_weight_x1e4_needs_a_tighter_ratio():
-    """DISTILL.BOX.WEIGHT x1e4 on the gated box term: it stays 30-300x the detection losses (their level
+    """DISTILL.TAR.BOX_WEIGHT x1e4 on the gated box term: it stays 30-300x the detection losses (their level
     unchanged), below the default DISTILL.GUARD.MAX_RATIO_TO_DET 1000 (TAR's own feature term is ~20-40x in a
     correct run); MAX_RATIO_TO_DET 100 stops it, naming the weight, and still passes the correct runs."""
     rec = recorded("tar_box_weight_x1e4")
@@ -158,7 +158,7 @@ def test_replayed_gated_box_weight_x1e4_needs_a_tighter_ratio():
     assert trip is None and 100 < top["kd_ratio/loss_kd_box"] < 1000 and top["det_growth"] < 2, top
     t = replay(preset_guard(rec, "DISTILL.GUARD.MAX_RATIO_TO_DET", "100.0"), rec["series"])
     assert (t.kind, t.term) == ("kd_ratio", "loss_kd_box"), t
-    assert "a term weight far too large (the config sets DISTILL.BOX.WEIGHT = 10000 (default 1))" in t.message
+    assert "a term weight far too large (the config sets DISTILL.TAR.BOX_WEIGHT = 10000 (default 1))" in t.message
     for name in ("tar_correct", "tar_correct_teacher150"):
         assert replay(preset_guard(recorded(name), "DISTILL.GUARD.MAX_RATIO_TO_DET", "100.0"),
                       recorded(name)["series"]) is None
@@ -222,14 +222,14 @@ def test_a_gated_term_rising_from_zero_is_judged_against_a_fraction_of_the_detec
     rows += [{"loss_cls": 1.0, "loss_rpn_cls": 0.3, "loss_kd_box": v} for v in (0.0, 0.05, 0.15, 0.15, 0.15)]
     assert _feed(LossScaleGuard(window=3, kd=KD), rows) is None
     # ... up to MAX_GROWTH x that floor: at 12.5 it is off scale, while the detection losses are in scale
-    t = _feed(LossScaleGuard(window=3, kd=KD, weight_note="the config sets DISTILL.BOX.WEIGHT = 10000 (default 1)"),
+    t = _feed(LossScaleGuard(window=3, kd=KD, weight_note="the config sets DISTILL.TAR.BOX_WEIGHT = 10000 (default 1)"),
               rows + [{"loss_cls": 1.0, "loss_rpn_cls": 0.3, "loss_kd_box": 13.0}] * 2)
     assert (t.kind, t.term, t.iteration, t.action_key) == ("kd_growth", "loss_kd_box", 11, "DISTILL.GUARD.ACTION")
     assert ("loss_kd_box rose to 13 (median of the last 3 iterations) at iteration 11, 104x its reference level "
             "0.125, the larger of its median over its first 3 iterations (0.0012) and DISTILL.GUARD.GROWTH_FLOOR = "
             "0.05 x the detection losses' first level (2.5) (limit DISTILL.GUARD.MAX_GROWTH = 100), while the "
             "detection losses are in scale (1x the lowest level they had reached)") in t.message
-    assert "a term weight far too large (the config sets DISTILL.BOX.WEIGHT = 10000 (default 1))" in t.message
+    assert "a term weight far too large (the config sets DISTILL.TAR.BOX_WEIGHT = 10000 (default 1))" in t.message
     # lambda: the terms are judged undecayed (x 1/lambda); lambda 0 is not judged
     assert _feed(LossScaleGuard(window=3, kd=KD), rows, lam=0.001).term == "loss_kd_box"  # 150 > 12.5
     assert _feed(LossScaleGuard(window=3, kd=KD), [{"loss_cls": 1.0, "loss_kd_feat": 1e9}] * 3, lam=0.0) is None

@@ -7,10 +7,11 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 
-from distill_d2.losses import channel_normalized_loss
+from distill_d2.methods.hgd import channel_normalized_loss
 from distill_d2.masks import area_balanced_box_mask
 from distill_d2.methods.hgd import HierarchicalFeatureKD
-from distill_d2.terms import BuildContext, DistillConfigError
+from distill_d2.errors import DistillConfigError
+from distill_d2.terms import BuildContext
 from test_methods import BOXES, SIZES, STRIDES, cfg_with, ctx, record
 
 
@@ -22,12 +23,13 @@ def hgd_term(**keys):
 
 
 def naive_box_cells(box, s, h, w):
-    """Cells of one box by the ``box`` rule: centre inside, else the cell holding the box centre."""
+    """Cells of one box by the card's ``box`` rule: the cells whose centre is inside the box; only for a
+    box holding no cell centre, the cell holding the box centre (clamped into the grid)."""
     x0, y0, x1, y1 = (v / s for v in box)
     cells = {(i, j) for i in range(h) for j in range(w) if x0 <= j + 0.5 < x1 and y0 <= i + 0.5 < y1}
-    ci = min(max(math.floor((y0 + y1) / 2), 0), h - 1)
-    cj = min(max(math.floor((x0 + x1) / 2), 0), w - 1)
-    return cells | {(ci, cj)}
+    if cells:
+        return cells
+    return {(min(max(math.floor((y0 + y1) / 2), 0), h - 1), min(max(math.floor((x0 + x1) / 2), 0), w - 1))}
 
 
 def naive_weights(boxes, s, h, w, fg_w, bg_w, balance):
@@ -57,7 +59,7 @@ def test_stage_pairing_and_adapter_channels_from_configs(student, teacher, chann
     """Built from the configs on the meta device: no weights needed."""
     from detectron2.modeling import build_model
 
-    from distill_d2.engine import load_cfg
+    from distill_d2.config import load_cfg
 
     cfg = load_cfg(student, ["MODEL.META_ARCHITECTURE", "DistillGeneralizedRCNN", "MODEL.DEVICE", "cpu",
                              "MODEL.WEIGHTS", "", "DISTILL.TEACHER.CONFIG_FILE", teacher,
@@ -109,26 +111,35 @@ def test_fixed_macro_matches_naive_loop(balance):
     got = term(rec)[0]["loss_kd_hgd"].item()
     per_stage = []
     for lv, sw in zip(["p2", "p3"], [1.0, 3.0]):
-        h = SIZES[lv]
+        h, w = SIZES[lv]
         a = term.adapters[lv](rec.features[lv])
         num = den = 0.0
         for n in range(2):
-            w = naive_weights(BOXES[n], STRIDES[lv], h, h, 2.0, 0.25, balance)
+            wt = naive_weights(BOXES[n], STRIDES[lv], h, w, 2.0, 0.25, balance)
             for i in range(h):
-                for j in range(h):
-                    num += w[i][j] * float(((a[n, :, i, j] - rec.t_features[lv][n, :, i, j]) ** 2).sum())
-                    den += w[i][j]
+                for j in range(w):
+                    num += wt[i][j] * float(((a[n, :, i, j] - rec.t_features[lv][n, :, i, j]) ** 2).sum())
+                    den += wt[i][j]
         per_stage.append(sw * num / (2 * den + 1e-6))  # C_t = 2
     assert got == pytest.approx(0.5 * sum(per_stage) / 2, rel=1e-5)
 
 
 def test_area_balance_gives_every_box_the_same_weight():
-    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [40.0, 40.0, 48.0, 48.0]])  # 16 cells and 1 cell at stride 8
-    w = area_balanced_box_mask(boxes, 8, 8, 8)
-    big, small = w[:4, :4].sum().item(), w[5, 5].item()
-    assert big == pytest.approx(small, rel=1e-6)
-    assert w.sum().item() == pytest.approx(17.0, rel=1e-6)  # total = the binary mask's 16 + 1 cells
-    assert area_balanced_box_mask(torch.zeros((0, 4)), 8, 8, 8).sum() == 0
+    # at stride 8 on a 6 x 10 grid: 4 x 4 = 16 cells, 1 cell, and a sub-cell box (its centre's cell, (1, 8))
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [40.0, 40.0, 48.0, 48.0], [66.0, 9.0, 70.0, 13.0]])
+    w = area_balanced_box_mask(boxes, 8, 6, 10)
+    big, small, tiny = w[:4, :4].sum().item(), w[5, 5].item(), w[1, 8].item()
+    assert big == pytest.approx(small, rel=1e-6) and tiny == pytest.approx(small, rel=1e-6)
+    assert w.sum().item() == pytest.approx(18.0, rel=1e-6)  # total = the binary mask's 16 + 1 + 1 cells
+    assert (w > 0).sum().item() == 18
+    # overlapping boxes: a shared cell takes the larger of the two 1/area weights
+    over = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 8.0, 16.0, 16.0]])  # 4 cells and 1 cell, sharing (1, 1)
+    w = area_balanced_box_mask(over, 8, 6, 10)
+    raw = torch.zeros(6, 10)
+    raw[:2, :2] = 0.25
+    raw[1, 1] = 1.0
+    assert torch.allclose(w, raw * 4 / raw.sum())
+    assert area_balanced_box_mask(torch.zeros((0, 4)), 8, 6, 10).sum() == 0
 
 
 # ------------------------------------------------------------------ macro: running means

@@ -2,7 +2,8 @@ import pytest
 from detectron2.config import get_cfg
 
 from distill_d2.config import add_distill_config
-from distill_d2.hooks import kd_weight
+from distill_d2.errors import DistillConfigError
+from distill_d2.schedule import kd_weight
 
 
 def decay(**kw):
@@ -29,7 +30,7 @@ def test_cosine_step_constant_warmup_stop():
     assert [kd_weight(i, 100, wu) for i in (0, 5, 10)] == pytest.approx([0, 0.5, 1])
     stop = decay(TYPE="constant", STOP_ITER=30)
     assert kd_weight(29, 100, stop) == 1.0 and kd_weight(30, 100, stop) == 0.0
-    with pytest.raises(ValueError, match="DISTILL.DECAY.TYPE"):
+    with pytest.raises(DistillConfigError, match="Unknown DISTILL.DECAY.TYPE 'exp'"):
         kd_weight(0, 10, decay(TYPE="exp"))
 
 

@@ -26,44 +26,45 @@ def test_gaussian_peak_at_box_centre_and_zero_outside():
 
 
 def test_gaussian_exact_peak_is_one_when_centre_on_cell_centre():
-    boxes = torch.tensor([[4.0, 4.0, 24.0, 24.0]])  # centre 14 px = 3.5 cells at stride 4
-    m = gaussian_mask(boxes, 4, 8, 8)
-    assert m[3, 3].item() == pytest.approx(1.0) and m.argmax().item() == 3 * 8 + 3
+    boxes = torch.tensor([[4.0, 14.0, 24.0, 22.0]])  # centre (14, 18) px = cell centre (3.5, 4.5) at stride 4
+    m = gaussian_mask(boxes, 4, 8, 10)
+    assert m[4, 3].item() == pytest.approx(1.0) and m.argmax().item() == 4 * 10 + 3
 
 
 def test_gaussian_overlapping_boxes_take_the_max():
-    a, b = torch.tensor([[0.0, 0.0, 32.0, 32.0]]), torch.tensor([[16.0, 16.0, 48.0, 48.0]])
-    ma, mb = gaussian_mask(a, 4, 16, 16), gaussian_mask(b, 4, 16, 16)
-    both = gaussian_mask(torch.cat([a, b]), 4, 16, 16)
-    assert torch.equal(both, torch.maximum(ma, mb))
+    a, b = torch.tensor([[0.0, 0.0, 32.0, 32.0]]), torch.tensor([[16.0, 16.0, 72.0, 48.0]])
+    ma, mb = gaussian_mask(a, 4, 12, 20), gaussian_mask(b, 4, 12, 20)
+    both = gaussian_mask(torch.cat([a, b]), 4, 12, 20)
+    assert torch.equal(both, torch.maximum(ma, mb)) and ((ma > 0) & (mb > 0)).any()  # they overlap
 
 
 def test_gaussian_untruncated_is_positive_everywhere():
-    m = gaussian_mask(torch.tensor([[8.0, 8.0, 24.0, 24.0]]), 4, 8, 8, truncate=False)
-    assert (m > 0).all()
+    m = gaussian_mask(torch.tensor([[8.0, 8.0, 24.0, 24.0]]), 4, 8, 12, truncate=False)
+    assert m.shape == (8, 12) and (m > 0).all()
 
 
 def test_box_smaller_than_a_cell():
     tiny = torch.tensor([[9.0, 9.0, 11.0, 11.0]])
-    assert gaussian_mask(tiny, 8, 4, 4).sum() == 0  # no cell centre inside: nothing on this level
-    fine = gaussian_mask(tiny, 2, 16, 16)  # grid [4.5, 5.5): only cell (4, 4) has its centre inside
+    assert gaussian_mask(tiny, 8, 4, 6).sum() == 0  # no cell centre inside: nothing on this level
+    fine = gaussian_mask(tiny, 2, 16, 12)  # grid [4.5, 5.5): only cell (4, 4) has its centre inside
     assert fine[4, 4] > 0 and fine.gt(0).sum() == 1
     cfg = CfgNode({"GAUSSIAN_RHO": 1 / 6, "GAUSSIAN_TRUNCATE": True})
-    m = build_masks("box", [tiny], {"p3": (8, 4, 4)}, cfg)["p3"][0]
-    assert m.sum() == 1 and m[1, 1] == 1  # the binary box mask keeps the centre cell
+    m = build_masks("box", [tiny], {"p3": (8, 4, 6), "p1": (2, 16, 12)}, cfg)
+    assert m["p3"][0].sum() == 1 and m["p3"][0, 1, 1] == 1  # the binary box mask keeps the centre cell
+    assert m["p1"][0].sum() == 1 and m["p1"][0, 4, 4] == 1  # (a centre inside: that cell only)
 
 
 def test_padding_region_is_zero_on_every_level_and_mask_type():
     cfg = CfgNode({"GAUSSIAN_RHO": 1 / 6, "GAUSSIAN_TRUNCATE": True})
-    # image 40x40 padded to 64x64; one box touching the image border
-    gt = [torch.tensor([[20.0, 20.0, 40.0, 40.0]])]
-    shapes = {"p2": (4, 16, 16), "p3": (8, 8, 8), "p4": (16, 4, 4)}
+    # image 40 (H) x 56 (W) padded to 48x64; one box touching the image's bottom-right border
+    gt = [torch.tensor([[20.0, 20.0, 56.0, 40.0]])]
+    shapes = {"p2": (4, 12, 16), "p3": (8, 6, 8), "p4": (16, 3, 4)}
     for kind in ("gaussian", "box"):
         masks = build_masks(kind, gt, shapes, cfg)
         for lv, (s, h, w) in shapes.items():
-            valid = 40 // s if 40 % s == 0 else 40 // s + 1
+            rows, cols = -(-40 // s), -(-56 // s)  # cells that hold image pixels
             assert masks[lv].shape == (1, h, w)
-            assert (masks[lv][0, valid:, :] == 0).all() and (masks[lv][0, :, valid:] == 0).all()
+            assert (masks[lv][0, rows:, :] == 0).all() and (masks[lv][0, :, cols:] == 0).all()
             assert masks[lv].max() > 0
 
 
@@ -123,17 +124,33 @@ def ref_gaussian(boxes, stride, height, width, rho, truncate):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def ref_box_cells(box, height, width):
+    """Cells (i, j) of one box (grid units) by the card's rule (docs/methods/HGD.md): the cells whose
+    centre is inside the box; only when there is none, the cell holding the box centre (clamped)."""
+    x0, y0, x1, y1 = box
+    cells = {(i, j) for i in range(height) for j in range(width) if x0 <= j + 0.5 < x1 and y0 <= i + 0.5 < y1}
+    if not cells:
+        cells = {(min(max(math.floor((y0 + y1) / 2), 0), height - 1), min(max(math.floor((x0 + x1) / 2), 0), width - 1))}
+    return cells
+
+
 def ref_box(boxes, stride, height, width):
     out = torch.zeros(height, width)
-    for x0, y0, x1, y1 in (boxes / stride).tolist():
-        for i in range(height):
-            for j in range(width):
-                if x0 <= j + 0.5 < x1 and y0 <= i + 0.5 < y1:
-                    out[i, j] = 1
-        ci = min(max(math.floor((y0 + y1) / 2), 0), height - 1)
-        cj = min(max(math.floor((x0 + x1) / 2), 0), width - 1)
-        out[ci, cj] = 1
+    for box in (boxes / stride).tolist():
+        for i, j in ref_box_cells(box, height, width):
+            out[i, j] = 1
     return out
+
+
+def ref_area_balanced(boxes, stride, height, width):
+    """max over the boxes covering a cell of 1/(cells of the box), rescaled to sum to the foreground cell count."""
+    w = [[0.0] * width for _ in range(height)]
+    for box in (boxes / stride).tolist():
+        cells = ref_box_cells(box, height, width)
+        for i, j in cells:
+            w[i][j] = max(w[i][j], 1.0 / len(cells))
+    n_fg, tot = sum(v > 0 for row in w for v in row), sum(map(sum, w))
+    return torch.tensor([[v * n_fg / tot if tot else 0.0 for v in row] for row in w], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("truncate", [True, False])
@@ -170,6 +187,41 @@ def test_box_mask_matches_naive_loop(stride, height, width):
     assert m.shape == (3, height, width) and m[0].sum() == 0
     assert torch.equal(m[1], ref_box(gt[1], stride, height, width))
     assert torch.equal(m[2], ref_box(gt[2], stride, height, width))
+
+
+def test_box_centre_cell_only_when_no_cell_centre_is_inside():
+    # [2, 6) px at stride 4 = [0.5, 1.5) cells: cell 0's centre 0.5 is inside, cell 1's 1.5 is not; the box
+    # centre (1, 1) lies in cell (1, 1), which is NOT marked: the box already holds a cell centre
+    want = torch.zeros(3, 4)
+    want[0, 0] = 1
+    assert torch.equal(box_mask(torch.tensor([[2.0, 2.0, 6.0, 6.0]]), 4, 3, 4), want)
+    # no cell centre inside ([2.25, 2.75) x [0.25, 0.75) cells): the cell holding the centre, (0, 2)
+    want = torch.zeros(3, 4)
+    want[0, 2] = 1
+    assert torch.equal(box_mask(torch.tensor([[9.0, 1.0, 11.0, 3.0]]), 4, 3, 4), want)
+    # both boxes at once, and per box (membership): the second box does not add (1, 1) to the first
+    both = torch.tensor([[2.0, 2.0, 6.0, 6.0], [9.0, 1.0, 11.0, 3.0]])
+    member = masks_mod.box_membership(both, 4, 3, 4)
+    assert member.sum(dim=(1, 2)).tolist() == [1, 1] and member[0, 0, 0] and member[1, 0, 2]
+
+
+@pytest.mark.parametrize("stride,height,width", GRIDS)
+def test_box_membership_and_area_balance_match_naive_loop(stride, height, width):
+    """Per-box cells (``box`` rule), their union (= the binary mask) and the area-balanced weights
+    (max over covering boxes of 1/area, rescaled to the foreground cell count) on overlapping boxes."""
+    for seed, k in ((40, 30), (41, 6), (42, 1)):
+        boxes = random_boxes(seed, k, stride, height, width)
+        member = masks_mod.box_membership(boxes, stride, height, width)
+        assert member.shape == (k, height, width)
+        for box, m in zip((boxes / stride).tolist(), member):
+            want = torch.zeros(height, width, dtype=torch.bool)
+            for i, j in ref_box_cells(box, height, width):
+                want[i, j] = True
+            assert torch.equal(m, want), box
+        assert torch.equal(member.any(dim=0).to(boxes.dtype), box_mask(boxes, stride, height, width))
+        got = masks_mod.area_balanced_box_mask(boxes, stride, height, width)
+        torch.testing.assert_close(got.double(), ref_area_balanced(boxes, stride, height, width), rtol=1e-5, atol=1e-6)
+        assert torch.equal(got > 0, box_mask(boxes, stride, height, width) > 0)
 
 
 @pytest.mark.parametrize("k,height,width", [(300, 200, 336), (37, 20, 30)])

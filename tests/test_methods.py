@@ -2,8 +2,9 @@
 
 Terms are built directly from a config and a BuildContext with small shapes
 (no detector), fed a StepRecord of random tensors, and compared with plain
-Python loops written from the formulas in docs/METHODS.md. Edge cases: an
-image without gt, boxes on the border and partly outside, a single RoI.
+Python loops written from the formulas in docs/METHODS.md. Edge cases: maps
+with H != W on every level, an image without gt, overlapping boxes, boxes on
+the border, partly outside and smaller than a cell, a single RoI.
 """
 import math
 
@@ -21,13 +22,17 @@ from distill_d2.methods.tar import DenseBoxKD, RoIBoxKD
 from distill_d2.record import DenseRecord, RoIRecord, StepRecord
 from distill_d2.terms import BuildContext
 
-# two images of 32x32 (padded); p2 stride 4 (8x8), p3 stride 8 (4x4); C = 3 student, 2 teacher
+# two images of 24 x 40 px (H x W, padded); p2/res2 stride 4: 6 x 10 cells, p3/res3 stride 8: 3 x 5 cells
+# (H != W on every level, so a swapped axis shows); C = 3 student, 2 teacher channels
+IMAGE_HW = (24, 40)
 STRIDES = {"p2": 4, "p3": 8, "res2": 4, "res3": 8}
-SIZES = {"p2": 8, "p3": 4, "res2": 8, "res3": 4}
+SIZES = {"p2": (6, 10), "p3": (3, 5), "res2": (6, 10), "res3": (3, 5)}  # (H, W)
 BOXES = [
     torch.tensor([[2.0, 3.0, 14.0, 9.0],      # small box inside
-                  [20.0, 24.0, 32.0, 32.0],   # on the bottom-right border
-                  [-6.0, 10.0, 5.0, 40.0]]),  # partly outside (negative x, beyond the bottom)
+                  [8.0, 5.0, 30.0, 21.0],     # overlaps the first (DeFeat: the next level at canonical size 8)
+                  [28.0, 16.0, 40.0, 24.0],   # on the bottom-right border
+                  [-6.0, 10.0, 5.0, 30.0],    # partly outside (negative x, beyond the bottom)
+                  [17.0, 1.0, 18.5, 2.5]]),   # smaller than a cell (holds no cell centre at stride 4)
     torch.zeros((0, 4)),                      # an image without gt
 ]
 
@@ -54,15 +59,15 @@ def ctx(cfg, family="rcnn", cs=3, ct=2):
 def record(cs=3, ct=2, seed=0, boxes=BOXES):
     g = torch.Generator().manual_seed(seed)
     n = len(boxes)
-    feats = {k: torch.randn(n, cs, h, h, generator=g) for k, h in SIZES.items()}
-    t_feats = {k: torch.randn(n, ct, h, h, generator=g) for k, h in SIZES.items()}
+    feats = {k: torch.randn(n, cs, h, w, generator=g) for k, (h, w) in SIZES.items()}
+    t_feats = {k: torch.randn(n, ct, h, w, generator=g) for k, (h, w) in SIZES.items()}
     gts = []
     for b in boxes:
-        inst = Instances((32, 32))
+        inst = Instances(IMAGE_HW)
         inst.gt_boxes = Boxes(b)
         inst.gt_classes = torch.zeros(len(b), dtype=torch.long)
         gts.append(inst)
-    return StepRecord(student=None, teacher=None, images=None, t_images=None, gt_instances=gts, features=feats,
+    return StepRecord(images=None, t_images=None, gt_instances=gts, features=feats,
                       t_features=t_feats, strides=dict(STRIDES))
 
 
@@ -119,11 +124,12 @@ def test_feature_kd_matches_naive_loop(norm):
     means = []
     for lv in term.levels:
         s, t = rec.features[lv], rec.t_features[lv]
+        h, w = SIZES[lv]
         se = 0.0
         for n in range(2):
-            m = naive_gaussian(BOXES[n], STRIDES[lv], SIZES[lv], SIZES[lv])
-            for i in range(SIZES[lv]):
-                for j in range(SIZES[lv]):
+            m = naive_gaussian(BOXES[n], STRIDES[lv], h, w)
+            for i in range(h):
+                for j in range(w):
                     a = conv1x1_naive(term.adapters[lv], s, n, i, j)
                     se += m[i][j] * sum((a[c] - float(t[n, c, i, j])) ** 2 for c in range(2))
                     den += m[i][j]
@@ -147,20 +153,20 @@ def test_feature_kd_zero_without_gt_and_full_mask_covers_padding():
 
 
 def test_decoupled_feature_kd_matches_naive_loop():
-    cfg = cfg_with(FEAT__LEVELS=["p2", "p3"], FEAT__MASK="defeat", FEAT__FG_WEIGHT=3.0, FEAT__BG_WEIGHT=12.0,
+    cfg = cfg_with(FEAT__LEVELS=["p2", "p3"], FEAT__MASK="defeat", DEFEAT__FG_WEIGHT=3.0, DEFEAT__BG_WEIGHT=12.0,
                    FEAT__WEIGHT=2.0, FEAT__DEFEAT_CANONICAL_SIZE=8.0)
     term = DecoupledFeatureKD(cfg, ctx(cfg))
     rec = record()
     out = term(rec)[0]
     fg_l, bg_l = [], []
     for li, lv in enumerate(["p2", "p3"]):
-        s, t, hw = rec.features[lv], rec.t_features[lv], SIZES[lv]
+        s, t, (h, w) = rec.features[lv], rec.t_features[lv], SIZES[lv]
         fg = bg = msum = bsum = 0.0
         for n in range(2):
             mine = [b for b in BOXES[n] if naive_defeat_level(b.tolist(), 2, 8.0) == li]
-            m = naive_floor(torch.stack(mine), STRIDES[lv], hw, hw) if mine else [[0.0] * hw for _ in range(hw)]
-            for i in range(hw):
-                for j in range(hw):
+            m = naive_floor(torch.stack(mine), STRIDES[lv], h, w) if mine else [[0.0] * w for _ in range(h)]
+            for i in range(h):
+                for j in range(w):
                     d2 = float(((term.adapters[lv](s[n:n + 1])[0, :, i, j] - t[n, :, i, j]) ** 2).sum())
                     fg += m[i][j] * d2
                     bg += (1 - m[i][j]) * d2
@@ -170,25 +176,25 @@ def test_decoupled_feature_kd_matches_naive_loop():
         bg_l.append(bg / max(1.0, 2 * 2 * bsum))
     assert out["loss_kd_feat_fg"].item() == pytest.approx(2.0 * 3.0 * sum(fg_l) / 2, rel=1e-5)
     assert out["loss_kd_feat_bg"].item() == pytest.approx(2.0 * 12.0 * sum(bg_l) / 2, rel=1e-5)
-    assert sum(fg_l) > 0  # the constructed boxes reach a level
+    assert fg_l[0] > 0 and fg_l[1] > 0  # the constructed boxes reach both levels
 
 
 def test_decoupled_backbone_kd_uses_the_stride4_mask():
-    cfg = cfg_with(BACKBONE__LEVELS=["res3", "res2"], BACKBONE__ADAPTER="conv1x1")
+    cfg = cfg_with(DEFEAT__BACKBONE_LEVELS=["res3", "res2"], DEFEAT__BACKBONE_ADAPTER="conv1x1")
     term = DecoupledBackboneKD(cfg, ctx(cfg))
-    boxes = [torch.tensor([[4.0, 4.0, 12.0, 8.0], [-3.0, 20.0, 2.0, 30.0]]), torch.zeros((0, 4))]
-    rec = record(boxes=boxes)
+    rec = record()
     out = term(rec)[0]
-    base = [naive_floor(b, 4, 8, 8) if len(b) else [[0.0] * 8 for _ in range(8)] for b in boxes]
+    h2, w2 = SIZES["res2"]
+    base = [naive_floor(b, 4, h2, w2) if len(b) else [[0.0] * w2 for _ in range(h2)] for b in BOXES]
     fg_l, bg_l = [], []
     for lv in ["res2", "res3"]:
-        s, hw = STRIDES[lv], SIZES[lv]
+        s, (h, w) = STRIDES[lv], SIZES[lv]
         a = term.adapters[lv](rec.features[lv])
         d2 = ((a - rec.t_features[lv]) ** 2).sum(1)  # (N, H, W)
         fg = bg = msum = bsum = 0.0
         for n in range(2):
-            for i in range(hw):
-                for j in range(hw):
+            for i in range(h):
+                for j in range(w):
                     m = base[n][i * s // 4][j * s // 4]  # nearest: the stride-4 cell at the same top-left pixel
                     fg += m * float(d2[n, i, j])
                     bg += (1 - m) * float(d2[n, i, j])
@@ -205,17 +211,32 @@ K = 3  # classes; background = 3
 T = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
 
 
-def roi_record(r=6, agnostic=False, seed=0):
+# sampled RoIs of record()'s image 0 (24 x 40 px): overlapping, the whole image, partly outside (below),
+# smaller than a cell, over the bottom-right border; gt classes (K = background)
+ROI_PROPOSALS = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 22.0], [0.0, 0.0, 40.0, 24.0],
+                              [10.0, 12.0, 14.0, 30.0], [1.0, 2.0, 3.0, 4.0], [30.0, 14.0, 44.0, 26.0]])
+ROI_CLASSES = torch.tensor([0, 2, K, 1, K, 0])
+# image 1 (no gt): background RoIs only, matched gt boxes zero (as detectron2 gives an image without gt)
+ROI_PROPOSALS_NO_GT = torch.tensor([[8.0, 8.0, 24.0, 20.0], [20.0, 4.0, 36.0, 16.0]])
+
+
+def roi_record(r=None, agnostic=False, seed=0):
+    """record() + a RoIRecord: image 0's RoIs (the first ``r`` of ROI_PROPOSALS, all by default; gt boxes
+    = the RoIs + noise) and, when ``r`` is None, image 1's 2 background RoIs (else image 1 has none)."""
     g = torch.Generator().manual_seed(seed)
-    props = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 25.0], [0.0, 0.0, 32.0, 32.0],
-                          [10.0, 12.0, 14.0, 30.0], [1.0, 2.0, 3.0, 4.0], [8.0, 8.0, 24.0, 24.0]])[:r]
-    gt_boxes = props + torch.randn(r, 4, generator=g).clamp(-2, 2)
-    gt_classes = torch.tensor([0, 2, 3, 1, 3, 0])[:r]
+    props0, cls0 = ROI_PROPOSALS[:r], ROI_CLASSES[:r]
+    gt0 = props0 + torch.randn(props0.shape, generator=g).clamp(-2, 2)
+    props1 = ROI_PROPOSALS_NO_GT if r is None else ROI_PROPOSALS_NO_GT[:0]
+    cls1 = torch.full((len(props1),), K)
+    props, gt_boxes = torch.cat([props0, props1]), torch.cat([gt0, torch.zeros_like(props1)])
+    gt_classes, n = torch.cat([cls0, cls1]), len(props0) + len(props1)
     nd = 4 if agnostic else 4 * K
     rec = record()
-    rec.rois = RoIRecord(instances=[], proposal_boxes=props, gt_boxes=gt_boxes, gt_classes=gt_classes,
-                         logits=torch.randn(r, K + 1, generator=g), deltas=torch.randn(r, nd, generator=g) * 0.3,
-                         t_logits=torch.randn(r, K + 1, generator=g) * 2, t_deltas=torch.randn(r, nd, generator=g) * 0.3,
+    inst = [Instances(IMAGE_HW, proposal_boxes=Boxes(props0), gt_classes=cls0, gt_boxes=Boxes(gt0)),
+            Instances(IMAGE_HW, proposal_boxes=Boxes(props1), gt_classes=cls1)]
+    rec.rois = RoIRecord(instances=inst, proposal_boxes=props, gt_boxes=gt_boxes, gt_classes=gt_classes,
+                         logits=torch.randn(n, K + 1, generator=g), deltas=torch.randn(n, nd, generator=g) * 0.3,
+                         t_logits=torch.randn(n, K + 1, generator=g) * 2, t_deltas=torch.randn(n, nd, generator=g) * 0.3,
                          num_classes=K, box2box_transform=T)
     return rec
 
@@ -278,7 +299,7 @@ def naive_iou(a, b):
     ("teacher_vs_proposal", "num_rois", False), ("teacher_vs_student", "num_gated", False),
     ("none", "num_pos", True), ("teacher_vs_proposal", "auto", True)])
 def test_roi_box_kd_matches_naive_loop(gate, normalizer, agnostic):
-    cfg = cfg_with(BOX__GATE=gate, BOX__NORMALIZER=normalizer, BOX__WEIGHT=1.5, BOX__BETA=0.1)
+    cfg = cfg_with(TAR__BOX_GATE=gate, TAR__BOX_NORMALIZER=normalizer, TAR__BOX_WEIGHT=1.5, TAR__BOX_BETA=0.1)
     term = RoIBoxKD(cfg, ctx(cfg))
     rec = roi_record(agnostic=agnostic, seed=3)
     r = rec.rois
@@ -302,10 +323,11 @@ def test_roi_box_kd_matches_naive_loop(gate, normalizer, agnostic):
     denom = {"num_rois": len(r.gt_classes), "auto": len(r.gt_classes), "num_pos": pos, "num_gated": max(kept, 1)}
     assert losses["loss_kd_box"].item() == pytest.approx(1.5 * total / denom[normalizer], rel=1e-4, abs=1e-7)
     assert scalars["kd/box_gate_frac"].item() == pytest.approx(kept / pos)
+    assert gate == "none" or 0 < kept < pos  # the constructed deltas exercise both outcomes
 
 
 def test_single_roi_and_background_only():
-    cfg = cfg_with(BOX__GATE="none")
+    cfg = cfg_with(TAR__BOX_GATE="none")
     rec = roi_record(r=1)  # one positive RoI of class 0
     r = rec.rois
     want = float((r.deltas[0, :4] - r.t_deltas[0, :4]).abs().sum())
@@ -322,11 +344,14 @@ def test_single_roi_and_background_only():
 # ------------------------------------------------------------------ dense head terms
 def dense_record(seed=0):
     g = torch.Generator().manual_seed(seed)
-    n, r = 2, 5
-    anchors = torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 20.0, 12.0], [0.0, 0.0, 32.0, 32.0],
-                            [16.0, 16.0, 24.0, 30.0], [2.0, 2.0, 6.0, 6.0]])
-    labels = torch.tensor([[0, 3, -1, 1, 2], [3, 3, 3, -1, 3]])  # image 2: no foreground (no gt)
+    # anchors on record()'s 24 x 40 px images: overlapping, the whole image, partly outside, smaller
+    # than a cell, over the right border
+    anchors = torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 20.0, 12.0], [0.0, 0.0, 40.0, 24.0],
+                            [32.0, 16.0, 48.0, 30.0], [2.0, 2.0, 4.0, 4.0], [12.0, 2.0, 28.0, 18.0]])
+    labels = torch.tensor([[0, K, -1, 1, 2, 0], [K, K, K, -1, K, K]])  # image 1: no foreground (no gt)
+    n, r = labels.shape
     gt_boxes = anchors[None].repeat(n, 1, 1) + torch.randn(n, r, 4, generator=g).clamp(-2, 2)
+    gt_boxes[1] = 0  # (detectron2's matched boxes of an image without gt)
     rec = record()
     rec.dense = DenseRecord(anchors=anchors, labels=labels, gt_boxes=gt_boxes,
                             logits=torch.randn(n, r, K, generator=g), deltas=torch.randn(n, r, 4, generator=g) * 0.3,
@@ -346,7 +371,7 @@ def test_dense_cls_kd_matches_naive_loop():
     got = DenseClsKD(cfg, ctx(cfg, "dense"))(rec)[0]["loss_kd_cls"].item()
     total, num_fg = 0.0, 0
     for n in range(2):
-        for a in range(5):
+        for a in range(d.labels.shape[1]):
             lab = int(d.labels[n, a])
             num_fg += 0 <= lab < K
             if lab < 0:
@@ -358,13 +383,13 @@ def test_dense_cls_kd_matches_naive_loop():
 
 
 def test_dense_box_kd_matches_naive_loop():
-    cfg = cfg_with(BOX__GATE="teacher_vs_proposal")  # NORMALIZER auto = foreground anchors
+    cfg = cfg_with(TAR__BOX_GATE="teacher_vs_proposal")  # NORMALIZER auto = foreground anchors
     rec = dense_record(seed=5)
     d = rec.dense
     losses, scalars = DenseBoxKD(cfg, ctx(cfg, "dense"))(rec)
     total, pos, kept = 0.0, 0, 0
     for n in range(2):
-        for a in range(5):
+        for a in range(d.labels.shape[1]):
             if not 0 <= int(d.labels[n, a]) < K:
                 continue
             pos += 1
@@ -374,6 +399,7 @@ def test_dense_box_kd_matches_naive_loop():
                 total += float((d.deltas[n, a] - d.t_deltas[n, a]).abs().sum())
     assert losses["loss_kd_box"].item() == pytest.approx(total / pos, rel=1e-5, abs=1e-7)
     assert scalars["kd/box_gate_frac"].item() == pytest.approx(kept / pos)
+    assert 0 < kept < pos
 
 
 # ------------------------------------------------------------------ terms that sample their own RoIs
@@ -382,11 +408,11 @@ def test_teacher_proposal_terms_sample_and_weigh(term, sampler, teacher_ckpt, mo
     from detectron2.modeling import build_model
 
     from conftest import tiny_cfg
-    from distill_d2.methods import defeat, tar
+    from distill_d2.methods import defeat, generic
     from distill_d2.modeling import rcnn
     from test_distill_rcnn import batches, train_steps
 
-    module = defeat if term == "DecoupledProposalKD" else tar
+    module = defeat if term == "DecoupledProposalKD" else generic  # (ReverseRoIClsKD is a RoIClsKD)
     seen = {}
     loss_name = "decoupled_kl_loss" if term == "DecoupledProposalKD" else "cls_kd_loss"
     real_sample, real_loss = rcnn.sample_teacher_rois, getattr(module, loss_name)
@@ -405,8 +431,8 @@ def test_teacher_proposal_terms_sample_and_weigh(term, sampler, teacher_ckpt, mo
     monkeypatch.setattr(module, loss_name, spy_loss)
     if term == "DecoupledProposalKD":
         cfg = tiny_cfg("defeat_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DISTILL.TERMS",
-                       "['DecoupledFeatureKD', 'DecoupledProposalKD']", "DISTILL.DEFEAT_CLS.FG_WEIGHT", "3.0",
-                       "DISTILL.DEFEAT_CLS.BG_WEIGHT", "5.0", "DISTILL.DECAY.TYPE", "constant")
+                       "['DecoupledFeatureKD', 'DecoupledProposalKD']", "DISTILL.DEFEAT.CLS_FG_WEIGHT", "3.0",
+                       "DISTILL.DEFEAT.CLS_BG_WEIGHT", "5.0", "DISTILL.DECAY.TYPE", "constant")
     else:
         cfg = tiny_cfg("hinton_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DISTILL.TERMS",
                        "['ReverseRoIClsKD']", "DISTILL.CLS.WEIGHT", "3.0")
@@ -441,7 +467,7 @@ def test_dense_box_kd_reads_each_images_anchors():
     rec.dense = DenseRecord(anchors=anchors, labels=labels, gt_boxes=gt, logits=torch.zeros(2, 4, K),
                             deltas=s_deltas, t_logits=torch.zeros(2, 4, K), t_deltas=t_deltas, num_classes=K,
                             box2box_transform=T)
-    cfg = cfg_with(BOX__GATE="teacher_vs_proposal")
+    cfg = cfg_with(TAR__BOX_GATE="teacher_vs_proposal")
     losses, scalars = DenseBoxKD(cfg, ctx(cfg, "dense"))(rec)
     pos = (labels >= 0) & (labels < K)
     want = float((s_deltas - t_deltas).abs().sum(-1)[pos].sum()) / int(pos.sum())

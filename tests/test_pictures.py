@@ -131,7 +131,7 @@ def test_explained_rois_are_the_ones_the_gates_pass(make_ckpt):
     from test_regression import steer_gates
 
     cfg = tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.TEACHER.WEIGHTS", make_ckpt("faster_rcnn_R34_teacher.yaml"),
-                   "DISTILL.CLS.GATE", "teacher_better", "DISTILL.BOX.GATE", "teacher_vs_student")
+                   "DISTILL.CLS.GATE", "teacher_better", "DISTILL.TAR.BOX_GATE", "teacher_vs_student")
     d, _, _ = pictures.load_sample(cfg, dataset="synthetic_tiny_val", index=1)
     model = pictures.build_distiller(cfg)
     steer_gates(model)  # so that the teacher wins on some RoIs

@@ -2,14 +2,13 @@
 distillation against naive loops for both detector families, and the task-decoupled feature
 masks (zero where the teacher is neither confident nor matched to a gt)."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from detectron2.structures import Boxes
 
-from distill_d2.losses import harmony_score, with_gt_prob
-from distill_d2.methods.tbd import HarmonyClsKD, TaskDecoupledFeatureKD, per_location
+from distill_d2.methods.tbd import HarmonyClsKD, TaskDecoupledFeatureKD, harmony_score, per_location, with_gt_prob
+from distill_d2.record import DenseRecord, StepRecord
 from test_methods import K, cfg_with, ctx, dense_record, naive_decode, naive_iou, roi_record, sig
 
 
@@ -87,7 +86,7 @@ def test_dense_harmony_kd_matches_naive_loop(bg, target):
     losses, _ = HarmonyClsKD(cfg, ctx(cfg, "dense"))(rec)
     num = hs_sum = 0.0
     for n in range(2):
-        for a in range(5):
+        for a in range(d.labels.shape[1]):
             lab = int(d.labels[n, a])
             if lab < 0:
                 continue  # ignored anchors weigh 0
@@ -121,28 +120,36 @@ def test_with_gt_prob_sums_to_one():
 
 
 # ------------------------------------------------------------------ task-decoupled feature masks
+GRID_H, GRID_W, GRID_A = 2, 3, 2  # grid_dense_record's level: H != W
+
+
+def anchor_index(y, x, a, w=GRID_W, num_anchors=GRID_A):
+    """Index of anchor a of cell (y, x) in detectron2's per-level order (H, W, A)."""
+    return (y * w + x) * num_anchors + a
+
+
 def grid_dense_record():
-    """RetinaNet-like record on one level 'p3' of 2x2 cells, A = 2 anchors per cell, K = 3, 2 images."""
-    n, h, w, a = 2, 2, 2, 2
+    """RetinaNet-like record on one level 'p3' of 2 x 3 cells, A = 2 anchors per cell, K = 3, 2 images."""
+    n, h, w, a = 2, GRID_H, GRID_W, GRID_A
     r = h * w * a
-    anchors = torch.tensor([[0, 0, 8, 8], [0, 0, 16, 8], [8, 0, 16, 8], [8, 0, 24, 8],
-                            [0, 8, 8, 16], [0, 8, 16, 16], [8, 8, 16, 16], [8, 8, 24, 16]], dtype=torch.float)
+    # anchor a of cell (y, x): [8x, 8y, 8x + 8(a + 1), 8y + 8] (stride 8)
+    anchors = torch.tensor([[8 * x, 8 * y, 8 * x + 8 * (k + 1), 8 * y + 8] for y in range(h) for x in range(w)
+                            for k in range(a)], dtype=torch.float)
     labels = torch.full((n, r), K)  # background
-    labels[0, 1] = 2  # image 0: anchor 1 (cell (0, 0)) matched to a gt
-    labels[0, 6] = -1  # ignored
+    labels[0, anchor_index(0, 1, 1)] = 2  # image 0: anchor 1 of cell (0, 1) matched to a gt
+    labels[0, anchor_index(1, 1, 0)] = -1  # ignored
     gt = anchors[None].repeat(n, 1, 1) + 1.0
     t_logits = torch.full((n, r, K), -10.0)  # not confident anywhere ...
-    t_logits[1, 5, 0] = 3.0  # ... but image 1, anchor 5 (cell (1, 0)): sigmoid(3) = 0.95
+    t_logits[1, anchor_index(1, 2, 1), 0] = 3.0  # ... but image 1, anchor 1 of cell (1, 2): sigmoid(3) = 0.95
     t_deltas = torch.zeros(n, r, 4)
     from detectron2.modeling.box_regression import Box2BoxTransform
 
-    rec = SimpleNamespace(dense=SimpleNamespace(anchors=anchors, labels=labels, gt_boxes=gt, logits=None, deltas=None,
-                                                t_logits=t_logits, t_deltas=t_deltas, num_classes=K,
-                                                box2box_transform=Box2BoxTransform((1.0, 1.0, 1.0, 1.0))),
-                          features={"p3": torch.zeros(n, 3, h, w)},
-                          student=SimpleNamespace(head_in_features=["p3"],
-                                                  anchor_generator=SimpleNamespace(num_anchors=[a])))
-    return rec
+    dense = DenseRecord(anchors=anchors, labels=labels, gt_boxes=gt, logits=None, deltas=None, t_logits=t_logits,
+                        t_deltas=t_deltas, num_classes=K, box2box_transform=Box2BoxTransform((1.0, 1.0, 1.0, 1.0)))
+    # (the record's "dense_level_sizes" entry, which a detector's record computes from its head: given here)
+    return StepRecord(images=None, t_images=None, gt_instances=[], features={"p3": torch.zeros(n, 3, h, w)},
+                      t_features={"p3": torch.zeros(n, 3, h, w)}, strides={"p3": 8}, dense=dense,
+                      cache={"dense_level_sizes": {"p3": (h, w, a)}})
 
 
 def dense_tfd_term(**keys):
@@ -157,27 +164,28 @@ def test_tfd_masks_zero_where_teacher_not_confident_and_no_gt():
     term = dense_tfd_term(TBD__CONF_THRESH=0.05, TBD__CLS_MASK_WEIGHT=2.0, TBD__REG_MASK_WEIGHT=0.5)
     rec = grid_dense_record()
     m_cls, m_reg = term.task_masks(rec)
-    iou = naive_iou([0, 0, 16, 8], [1, 1, 17, 9])  # zero deltas: the decoded box is the anchor
-    t = torch.tensor
-    assert torch.allclose(m_reg["p3"], t([[[iou, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]))
-    assert torch.allclose(m_cls["p3"], t([[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [sig(3.0), 0.0]]]))
+    iou = naive_iou([8, 0, 24, 8], [9, 1, 25, 9])  # zero deltas: the decoded box is the anchor
+    want_reg, want_cls = torch.zeros(2, GRID_H, GRID_W), torch.zeros(2, GRID_H, GRID_W)
+    want_reg[0, 0, 1] = iou  # image 0, cell (0, 1)
+    want_cls[1, 1, 2] = sig(3.0)  # image 1, cell (1, 2)
+    assert torch.allclose(m_reg["p3"], want_reg) and torch.allclose(m_cls["p3"], want_cls)
     m = term.masks(rec)["p3"]
-    assert torch.allclose(m, t([[[0.5 * iou, 0.0], [0.0, 0.0]], [[0.0, 0.0], [2.0 * sig(3.0), 0.0]]]))
-    assert (m == 0).sum().item() == 6  # everywhere else exactly zero
+    assert torch.allclose(m, 0.5 * want_reg + 2.0 * want_cls)
+    assert (m == 0).sum().item() == 2 * GRID_H * GRID_W - 2  # everywhere else exactly zero
     # a confident location below the threshold is dropped
     term = dense_tfd_term(TBD__CONF_THRESH=0.99)
     assert term.task_masks(rec)[0]["p3"].sum().item() == 0
 
 
 def test_per_location_takes_the_max_over_anchors_in_detectron2_order():
-    v = torch.arange(16.0).view(1, 16)  # level a: 2x2 cells x A=2; level b: 2x2 x 2
-    out = per_location(v, {"a": (2, 2, 2), "b": (2, 2, 2)})
-    assert out["a"].tolist() == [[[1.0, 3.0], [5.0, 7.0]]]
-    assert out["b"].tolist() == [[[9.0, 11.0], [13.0, 15.0]]]
+    v = torch.arange(16.0).view(1, 16)  # level a: 2 x 3 cells x A = 2 (values 0..11); level b: 1 x 2 x 2
+    out = per_location(v, {"a": (2, 3, 2), "b": (1, 2, 2)})
+    assert out["a"].tolist() == [[[1.0, 3.0, 5.0], [7.0, 9.0, 11.0]]]
+    assert out["b"].tolist() == [[[13.0, 15.0]]]
 
 
 def test_tfd_levels_must_be_the_teacher_head_inputs():
-    from distill_d2.terms import DistillConfigError
+    from distill_d2.errors import DistillConfigError
 
     cfg = cfg_with(TBD__LEVELS=["res2"])
     with pytest.raises(DistillConfigError, match="RPN, which sees only"):
@@ -268,15 +276,15 @@ def test_tfd_loss_matches_naive_loop():
     term = dense_tfd_term(TBD__FEAT_WEIGHT=0.3, TBD__CLS_MASK_WEIGHT=2.0, TBD__REG_MASK_WEIGHT=0.5)
     rec = grid_dense_record()
     g = torch.Generator().manual_seed(0)
-    rec.features = {"p3": torch.randn(2, 3, 2, 2, generator=g)}
-    rec.t_features = {"p3": torch.randn(2, 2, 2, 2, generator=g)}
+    rec.features = {"p3": torch.randn(2, 3, GRID_H, GRID_W, generator=g)}
+    rec.t_features = {"p3": torch.randn(2, 2, GRID_H, GRID_W, generator=g)}
     got = term(rec)[0]["loss_kd_tfd"].item()
     m = term.masks(rec)["p3"]
     a = term.adapters["p3"](rec.features["p3"])
     num = den = 0.0
     for n in range(2):
-        for i in range(2):
-            for j in range(2):
+        for i in range(GRID_H):
+            for j in range(GRID_W):
                 num += float(m[n, i, j]) * sum((float(a[n, k, i, j]) - float(rec.t_features["p3"][n, k, i, j])) ** 2
                                                for k in range(2))
                 den += float(m[n, i, j])

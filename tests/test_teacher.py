@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_cfg
 from distill_d2.engine import Trainer
-from distill_d2.teacher import TeacherError
+from distill_d2.errors import TeacherError
 
 
 def run(cfg, resume=False):

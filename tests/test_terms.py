@@ -15,8 +15,9 @@ from detectron2.utils.events import EventStorage
 
 from conftest import SYN, TINY_OPTS, tiny_cfg
 from distill_d2.engine import main
-from distill_d2.teacher import TeacherError
-from distill_d2.terms import DISTILL_TERM_REGISTRY, DistillConfigError, DistillTerm, distilled_levels
+from distill_d2.errors import TeacherError
+from distill_d2.errors import DistillConfigError
+from distill_d2.terms import DISTILL_TERM_REGISTRY, DistillTerm, distilled_levels
 from test_distill_rcnn import batches, train_steps
 from test_regression import fixed_batch
 
@@ -77,12 +78,12 @@ def test_toy_term_trains_through_train_net(teacher_ckpt, tmp_path):
     (["DISTILL.FEAT.LEVELS", "[]"], "DISTILL.FEAT.LEVELS is empty"),
     (["DISTILL.CLS.GATE", "better"], "Unknown DISTILL.CLS.GATE 'better'"),
     (["DISTILL.CLS.ROIS", "some"], "Unknown DISTILL.CLS.ROIS 'some'"),
-    (["DISTILL.BOX.GATE", "iou"], "Unknown DISTILL.BOX.GATE 'iou'"),
-    (["DISTILL.BOX.NORMALIZER", "n"], "Unknown DISTILL.BOX.NORMALIZER 'n'"),
+    (["DISTILL.TAR.BOX_GATE", "iou"], "Unknown DISTILL.TAR.BOX_GATE 'iou'"),
+    (["DISTILL.TAR.BOX_NORMALIZER", "n"], "Unknown DISTILL.TAR.BOX_NORMALIZER 'n'"),
     (["DISTILL.DECAY.TYPE", "exp"], "Unknown DISTILL.DECAY.TYPE 'exp'"),
     (["DISTILL.TERMS", "['FeatureKD', 'DenseClsKD']"], "DenseClsKD does not work with a Faster R-CNN"),
-    (["DISTILL.DEFEAT_CLS.FG_WEIGHT", "3.0"], r"DISTILL.DEFEAT_CLS.FG_WEIGHT = 3.0 \(read by: DecoupledProposalKD\)"),
-    (["DISTILL.BACKBONE.LEVELS", "['res4']"], "DISTILL.BACKBONE.LEVELS"),
+    (["DISTILL.DEFEAT.CLS_FG_WEIGHT", "3.0"], r"DISTILL.DEFEAT.CLS_FG_WEIGHT = 3.0 \(read by: DecoupledProposalKD\)"),
+    (["DISTILL.DEFEAT.BACKBONE_LEVELS", "['res4']"], "DISTILL.DEFEAT.BACKBONE_LEVELS"),
 ])
 def test_bad_settings_fail_at_build(opts, match):
     cfg = tiny_cfg("tar_R34_to_R18.yaml", *opts)
@@ -91,7 +92,7 @@ def test_bad_settings_fail_at_build(opts, match):
 
 
 @pytest.mark.parametrize("key,value", [("DISTILL.CLS.ROIS", "all"), ("DISTILL.CLS.GATE", "teacher_better"),
-                                       ("DISTILL.DEFEAT_CLS.BG_TEMPERATURE", "2.0"),
+                                       ("DISTILL.DEFEAT.CLS_BG_TEMPERATURE", "2.0"),
                                        ("DISTILL.FEAT.NORM", "mean")])
 def test_keys_the_retinanet_preset_ignores_are_errors(key, value):
     cfg = tiny_cfg("defeat_retinanet_R34_to_R18.yaml" if key.endswith("NORM") else "tar_retinanet_R34_to_R18.yaml",
@@ -240,28 +241,63 @@ def test_term_loss_names_must_not_clash(teacher_ckpt):
         model(batches(cfg, 1)[0])
 
 
-def test_adding_a_method_guide_works(teacher_ckpt, tmp_path):
-    """docs/ADDING_A_METHOD.md: its term file and preset, exactly as written, train two iterations."""
+def guide_example(i, tmp_path):
+    """The i-th worked example of docs/ADDING_A_METHOD.md: its term file executed (registering the term)
+    and its preset written to ``tmp_path`` (the _BASE_ and teacher paths made absolute). Returns the preset."""
     import re
 
     from conftest import REPO
 
     text = open(os.path.join(REPO, "docs", "ADDING_A_METHOD.md")).read()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    yaml_text = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
-    if "AttentionTransferKD" not in DISTILL_TERM_REGISTRY:
-        exec(compile(code, "ADDING_A_METHOD.md", "exec"), {"__name__": "guide_attention"})
-    preset = os.path.join(SYN, "at_R34_to_R18.yaml")  # _BASE_ and the teacher are relative to configs/synthetic
-    assert not os.path.exists(preset), "the guide's preset must not be shipped as an untested method"
-    tmp_preset = tmp_path / "at_R34_to_R18.yaml"
-    tmp_preset.write_text(yaml_text.replace('"faster_rcnn_R18_student.yaml"',
-                                            f'"{os.path.join(SYN, "faster_rcnn_R18_student.yaml")}"')
-                          .replace('"faster_rcnn_R34_teacher.yaml"', f'"{os.path.join(SYN, "faster_rcnn_R34_teacher.yaml")}"'))
-    argv = ["--config-file", str(tmp_preset)] + TINY_OPTS + [
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[i]
+    yaml_text = re.findall(r"```yaml\n(.*?)```", text, re.S)[i]
+    term = re.search(r"^class (\w+)\(", code, re.M).group(1)
+    if term not in DISTILL_TERM_REGISTRY:
+        exec(compile(code, "ADDING_A_METHOD.md", "exec"), {"__name__": f"guide_{term}"})
+    name = re.search(r"`configs/synthetic/(\w+\.yaml)`", text[text.index(code):]).group(1)
+    assert not os.path.exists(os.path.join(SYN, name)), "the guide's preset must not be shipped as an untested method"
+    for f in re.findall(r'"(\w+\.yaml)"', yaml_text):  # relative to configs/synthetic
+        yaml_text = yaml_text.replace(f'"{f}"', f'"{os.path.join(SYN, f)}"')
+    preset = tmp_path / name
+    preset.write_text(yaml_text)
+    return str(preset)
+
+
+def test_adding_a_method_guide_works(teacher_ckpt, tmp_path):
+    """docs/ADDING_A_METHOD.md: its first term file and preset, exactly as written, train two iterations."""
+    preset = guide_example(0, tmp_path)
+    argv = ["--config-file", preset] + TINY_OPTS + [
         "OUTPUT_DIR", str(tmp_path / "out"), "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DATASETS.TEST", "()"]
     main(default_argument_parser().parse_args(argv))
     last = [json.loads(x) for x in (tmp_path / "out" / "metrics.json").read_text().splitlines()][-1]
     assert last["iteration"] == 1 and last["loss_kd_at"] > 0
+
+
+def test_guide_cross_pass_term_trains_the_right_layers(make_ckpt, tmp_path):
+    """The guide's second example (a tap + a cross pass through the teacher's head) trains through train_net,
+    and its loss reaches the student's first head conv and FPN, not the layers after the tap, nor the teacher."""
+    preset = guide_example(1, tmp_path)
+    ckpt = make_ckpt("retinanet_R34_teacher.yaml")
+    argv = ["--config-file", preset] + TINY_OPTS + [
+        "OUTPUT_DIR", str(tmp_path / "out"), "DISTILL.TEACHER.WEIGHTS", ckpt, "DATASETS.TEST", "()"]
+    main(default_argument_parser().parse_args(argv))
+    last = [json.loads(x) for x in (tmp_path / "out" / "metrics.json").read_text().splitlines()][-1]
+    assert last["iteration"] == 1 and last["loss_kd_cross"] > 0
+
+    cfg = tiny_cfg(preset, "DISTILL.TEACHER.WEIGHTS", ckpt)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage():
+        loss = model(batches(cfg, 1)[0])["loss_kd_cross"]
+    named = dict(model.named_parameters())
+    grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()), allow_unused=True)))
+    reached = {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert {"head.cls_subnet.0.weight", "backbone.fpn_output3.weight"} <= reached
+    assert not reached & {"head.cls_subnet.3.weight", "head.cls_score.weight", "head.cls_score.bias",
+                          "head.bbox_subnet.0.weight", "head.bbox_pred.weight"}
+    teacher = model.teacher
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert not teacher.training and not any(m.training for m in teacher.modules())
 
 
 @pytest.mark.parametrize("preset,teacher", [("tar_R34_to_R18.yaml", "faster_rcnn_R34_teacher.yaml"),
@@ -271,7 +307,7 @@ def test_mixed_precision_teacher_in_autocast_kd_losses_in_float32(preset, teache
     The box gate is off: its hard teacher-better decisions flip for borderline anchors under a bfloat16
     teacher (measured on an AMD EPYC: RetinaNet loss_kd_box 0.124 vs 0.092 in float32, a discrete jump,
     not an AMP error); the gates are tested in float32 in test_methods.py."""
-    cfg = tiny_cfg(preset, "DISTILL.TEACHER.WEIGHTS", make_ckpt(teacher), "DISTILL.BOX.GATE", "none")
+    cfg = tiny_cfg(preset, "DISTILL.TEACHER.WEIGHTS", make_ckpt(teacher), "DISTILL.TAR.BOX_GATE", "none")
     torch.manual_seed(0)
     model = build_model(cfg)
     t = model.setup_teacher()
@@ -326,16 +362,18 @@ def test_every_weight_key_of_every_term_is_checked():
     """Found by name (``*WEIGHT``, ``*WEIGHTS``) + the declared list, so a new term's weights are covered
     (the toy term of this file included); each one negative, NaN or infinite is refused naming it."""
     from distill_d2.config import flat_items
-    from distill_d2.terms import check_weights, default_distill_node, is_weight_key
+    from distill_d2.config import default_distill_node
+    from distill_d2.terms import check_weights, is_weight_key
 
     node = default_distill_node()
     keys = {k for k, v in flat_items(node) if is_weight_key(k) and not isinstance(v, str)}
     assert keys >= {
-        "FEAT.WEIGHT", "FEAT.FG_WEIGHT", "FEAT.BG_WEIGHT", "CLS.WEIGHT", "BOX.WEIGHT", "BACKBONE.FG_WEIGHT",
-        "BACKBONE.BG_WEIGHT", "DEFEAT_CLS.FG_WEIGHT", "DEFEAT_CLS.BG_WEIGHT", "HGD.WEIGHT", "HGD.FG_WEIGHT",
+        "FEAT.WEIGHT", "DEFEAT.FG_WEIGHT", "DEFEAT.BG_WEIGHT", "CLS.WEIGHT", "TAR.BOX_WEIGHT",
+        "DEFEAT.BACKBONE_FG_WEIGHT", "DEFEAT.BACKBONE_BG_WEIGHT", "DEFEAT.CLS_FG_WEIGHT", "DEFEAT.CLS_BG_WEIGHT",
+        "HGD.WEIGHT", "HGD.FG_WEIGHT",
         "HGD.BG_WEIGHT", "HGD.STAGE_WEIGHTS", "TBD.HD_WEIGHT", "TBD.HD_BG_WEIGHT", "TBD.FEAT_WEIGHT",
         "TBD.CLS_MASK_WEIGHT", "TBD.REG_MASK_WEIGHT", "DECAY.END_VALUE", "DECAY.GAMMA", "TOY.WEIGHT"}
-    assert not keys & {"CLS.TEMPERATURE", "DEFEAT_CLS.BG_TEMPERATURE", "GUARD.MAX_RATIO_TO_DET", "DECAY.STOP_ITER",
+    assert not keys & {"CLS.TEMPERATURE", "DEFEAT.CLS_BG_TEMPERATURE", "GUARD.MAX_RATIO_TO_DET", "DECAY.STOP_ITER",
                        "TEACHER.WEIGHTS"}  # (a file)
     check_weights(node)  # the defaults pass
     for key in sorted(keys):
@@ -351,7 +389,7 @@ def test_every_weight_key_of_every_term_is_checked():
 
 @pytest.mark.parametrize("opts,match", [
     (["DISTILL.FEAT.WEIGHT", "-0.5"], r"DISTILL.FEAT.WEIGHT = -0.5 is negative: a negative weight rewards"),
-    (["DISTILL.BOX.WEIGHT", "1e999"], r"DISTILL.BOX.WEIGHT = inf is not finite"),
+    (["DISTILL.TAR.BOX_WEIGHT", "1e999"], r"DISTILL.TAR.BOX_WEIGHT = inf is not finite"),
     (["DISTILL.DECAY.END_VALUE", "-0.1"], r"DISTILL.DECAY.END_VALUE = -0.1 is negative"),
     (["DISTILL.DECAY.TYPE", "step", "DISTILL.DECAY.STEPS", "(1,)", "DISTILL.DECAY.GAMMA", "-1.0"],
      r"DISTILL.DECAY.GAMMA = -1.0 is negative"),
@@ -372,7 +410,8 @@ def test_nan_weight_in_a_yaml_and_a_term_declared_key(tmp_path):
         build_model(tiny_cfg("hgd_R34_to_R18.yaml", "DISTILL.HGD.MACRO", "fixed", "DISTILL.HGD.STAGE_WEIGHTS",
                              "[1.0, -2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]"))
 
-    from distill_d2.terms import check_weights, default_distill_node
+    from distill_d2.config import default_distill_node
+    from distill_d2.terms import check_weights
 
     class ScaledKD(DistillTerm):
         nonnegative = ("TOY.LEVEL_SCALE",)
@@ -382,3 +421,36 @@ def test_nan_weight_in_a_yaml_and_a_term_declared_key(tmp_path):
     check_weights(node)  # no term declares it
     with pytest.raises(DistillConfigError, match=r"DISTILL.TOY.LEVEL_SCALE = -3.0 is negative"):
         check_weights(node, [ScaledKD])
+
+
+# --------------------------------------------------------------- renamed keys
+def test_old_key_names_still_work_with_a_warning(caplog):
+    """DISTILL.BOX.* / FEAT.FG_WEIGHT / DEFEAT_CLS.* / BACKBONE.* moved under DISTILL.TAR / DISTILL.DEFEAT: a config
+    that sets an old name trains the same (value moved to the new key), says so, and keeps no old key."""
+    with caplog.at_level("WARNING"):
+        cfg = tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.BOX.GATE", "none", "DISTILL.BOX.WEIGHT", "2.5")
+    assert cfg.DISTILL.TAR.BOX_GATE == "none" and cfg.DISTILL.TAR.BOX_WEIGHT == 2.5 and "BOX" not in cfg.DISTILL
+    assert "DISTILL.BOX.GATE was renamed to DISTILL.TAR.BOX_GATE" in caplog.text
+    cfg = tiny_cfg("fitnet_R34_to_R18.yaml", "DISTILL.FEAT.FG_WEIGHT", "7.0", "DISTILL.DEFEAT_CLS.BG_TEMPERATURE", "2.0",
+                   "DISTILL.BACKBONE.LEVELS", "['res4']")
+    d = cfg.DISTILL
+    assert (d.DEFEAT.FG_WEIGHT, d.DEFEAT.CLS_BG_TEMPERATURE, list(d.DEFEAT.BACKBONE_LEVELS)) == (7.0, 2.0, ["res4"])
+    assert "FG_WEIGHT" not in d.FEAT and "DEFEAT_CLS" not in d and "BACKBONE" not in d
+    with pytest.raises(DistillConfigError, match=r"DISTILL.BOX.GATE \(old name\) = 'none' and DISTILL.TAR.BOX_GATE = "
+                                                 r"'teacher_vs_student' are both set"):
+        tiny_cfg("tar_R34_to_R18.yaml", "DISTILL.BOX.GATE", "none", "DISTILL.TAR.BOX_GATE", "teacher_vs_student")
+
+
+def test_old_key_names_in_a_config_built_without_load_cfg(teacher_ckpt):
+    """The detectron2 way (get_cfg + add_distill_config + merge): the model build moves the old names too."""
+    from detectron2.config import get_cfg
+
+    from distill_d2.config import add_distill_config
+
+    cfg = get_cfg()
+    add_distill_config(cfg)
+    cfg.merge_from_file(os.path.join(SYN, "tar_R34_to_R18.yaml"))
+    cfg.merge_from_list(TINY_OPTS + ["DISTILL.TEACHER.CONFIG_FILE", os.path.join(SYN, "faster_rcnn_R34_teacher.yaml"),
+                                     "DISTILL.TEACHER.WEIGHTS", teacher_ckpt, "DISTILL.BOX.WEIGHT", "3.0"])
+    model = build_model(cfg)
+    assert model.kd_terms["RoIBoxKD"].weight == 3.0

@@ -29,6 +29,7 @@ from collections import Counter
 
 from detectron2.structures import BoxMode
 
+from ..errors import DistillConfigError
 from .images import oriented_size
 
 logger = logging.getLogger(__name__)
@@ -214,8 +215,8 @@ def check_dataset_dicts(dicts, num_classes, *, decode=False, action="error", min
     changed records; the input is not modified). Without problems the input list is returned as is.
     """
     if action not in ACTIONS:
-        raise ValueError(f"check_dataset_dicts: action must be one of {ACTIONS}, got {action!r} "
-                         "(config key DATALOADER.CHECK.ACTION).")
+        raise DistillConfigError(f"check_dataset_dicts: action must be one of {ACTIONS}, got {action!r} "
+                                 "(config key DATALOADER.CHECK.ACTION).")
     per_record = {}  # record index -> [(kind, annotation index or None, detail)]
     bad_records, bad_anns = set(), {}  # record index; record index -> set of annotation indices
     num_anns, to_decode = 0, []

@@ -26,6 +26,7 @@ import random
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..errors import DistillConfigError
 from .builtin import register_coco
 from .voc import annotation_dir, find_split_dir, rare_classes, register_voc_dataset, scan_classes, voc_layout
 
@@ -66,19 +67,19 @@ def _voc_entry(spec):
     """(prefix, folder, options) of a DATASETS.VOC entry."""
     example = "[['mydata', '/path/folder', {'classes': ['cat', 'dog'], 'annotations': 'xml', 'images': 'photos'}]]"
     if not isinstance(spec, (list, tuple)) or len(spec) not in (2, 3) or (len(spec) == 3 and not isinstance(spec[2], dict)):
-        raise ValueError(f"DATASETS.VOC entries are [prefix, folder] or [prefix, folder, {{options}}]; got {spec!r}. "
-                         f"Example: DATASETS.VOC \"{example}\"")
+        raise DistillConfigError(f"DATASETS.VOC entries are [prefix, folder] or [prefix, folder, {{options}}]; got "
+                                 f"{spec!r}. Example: DATASETS.VOC \"{example}\"")
     options = dict(spec[2]) if len(spec) == 3 else {}
     unknown = sorted(set(options) - set(VOC_OPTIONS))
     if unknown:
-        raise ValueError(f"DATASETS.VOC entry '{spec[0]}': unknown option(s) {', '.join(map(repr, unknown))}; the options "
-                         f"are {', '.join(map(repr, VOC_OPTIONS))}. Example: DATASETS.VOC \"{example}\"")
+        raise DistillConfigError(f"DATASETS.VOC entry '{spec[0]}': unknown option(s) {', '.join(map(repr, unknown))}; "
+                                 f"the options are {', '.join(map(repr, VOC_OPTIONS))}. Example: DATASETS.VOC \"{example}\"")
     classes = options.get("classes") or []
     if isinstance(classes, str):
         classes = [c for c in (x.strip() for x in classes.split(",")) if c]
     classes = [str(c).strip() for c in classes]
     if len(set(classes)) != len(classes) or not all(classes):
-        raise ValueError(f"DATASETS.VOC entry '{spec[0]}': 'classes' must be distinct non-empty names, got {classes}.")
+        raise DistillConfigError(f"DATASETS.VOC entry '{spec[0]}': 'classes' must be distinct non-empty names, got {classes}.")
     options["classes"] = classes
     return str(spec[0]), os.path.abspath(str(spec[1])), options
 
@@ -88,7 +89,7 @@ def register_from_cfg(cfg):
     names = []
     for spec in cfg.DATASETS.COCO:
         if len(spec) != 3:
-            raise ValueError(f"DATASETS.COCO entries are [name, json_file, image_root]; got {list(spec)}.")
+            raise DistillConfigError(f"DATASETS.COCO entries are [name, json_file, image_root]; got {list(spec)}.")
         name, json_file, image_root = (str(x) for x in spec)
         _register(name, ("coco", os.path.abspath(json_file)), lambda: register_coco(name, json_file, image_root))
         names.append(name)
@@ -111,9 +112,9 @@ def voc_split_files(folder, val_fraction, seed, annotations=""):
     ann_dir = annotation_dir(folder, annotations)
     ids = sorted(f[:-4] for f in os.listdir(ann_dir) if f.lower().endswith(".xml"))
     if len(ids) < 2:
-        raise ValueError(f"VOC folder {folder} has {len(ids)} annotated image(s): too few to split into train/val.")
+        raise DistillConfigError(f"VOC folder {folder} has {len(ids)} annotated image(s): too few to split into train/val.")
     if not 0 < val_fraction < 1:
-        raise ValueError(f"DATASETS.VOC_VAL_FRACTION must be in (0, 1), got {val_fraction}.")
+        raise DistillConfigError(f"DATASETS.VOC_VAL_FRACTION must be in (0, 1), got {val_fraction}.")
     order = list(ids)
     random.Random(seed).shuffle(order)
     n_val = min(len(ids) - 1, max(1, round(len(ids) * val_fraction)))
@@ -143,7 +144,7 @@ def register_voc_folder(prefix, folder, val_fraction=0.2, seed=0, classes=(), an
         counts, examples = scan_classes(ann_dir)
         class_names = sorted(counts)
         if not class_names:
-            raise ValueError(f"DATASETS.VOC '{prefix}': no objects in the xml files of {ann_dir}.")
+            raise DistillConfigError(f"DATASETS.VOC '{prefix}': no objects in the xml files of {ann_dir}.")
     names = []
     for split, path in voc_split_files(folder, val_fraction, seed, annotations).items():
         name = f"{prefix}_{split}"
@@ -205,25 +206,25 @@ def resolve_num_classes(cfg):
         if k == -1:
             keys.append(key)
         elif not (isinstance(k, int) and k > 0):
-            raise ValueError(f"MODEL.{key}.NUM_CLASSES must be a positive class count or -1 (from the training "
-                             f"data), got {k!r}.")
+            raise DistillConfigError(f"MODEL.{key}.NUM_CLASSES must be a positive class count or -1 (from the "
+                                     f"training data), got {k!r}.")
     if not keys:
         return
     what = " / ".join(f"MODEL.{k}.NUM_CLASSES" for k in keys)
     names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
     if not names:
-        raise ValueError(f"{what} is -1 (from the data) but DATASETS.TRAIN and DATASETS.TEST are empty: set the "
-                         "number of classes.")
+        raise DistillConfigError(f"{what} is -1 (from the data) but DATASETS.TRAIN and DATASETS.TEST are empty: "
+                                 "set the number of classes.")
     classes = {}
     for name in names:
         c = dataset_class_names(name)
         if c is None:
-            raise ValueError(f"{what} is -1 (from the data) but dataset '{name}' has no class names (metadata "
-                             "thing_classes): set the number of classes.")
+            raise DistillConfigError(f"{what} is -1 (from the data) but dataset '{name}' has no class names "
+                                     "(metadata thing_classes): set the number of classes.")
         classes[name] = list(c)
     if len({len(c) for c in classes.values()}) > 1:
-        raise ValueError(f"{what} is -1 (from the data) but the datasets have different class counts ("
-                         + ", ".join(f"'{n}': {len(c)}" for n, c in classes.items()) + "): set the number.")
+        raise DistillConfigError(f"{what} is -1 (from the data) but the datasets have different class counts ("
+                                 + ", ".join(f"'{n}': {len(c)}" for n, c in classes.items()) + "): set the number.")
     n = len(next(iter(classes.values())))
     for key in keys:
         cfg.MODEL[key].NUM_CLASSES = n

@@ -43,6 +43,7 @@ from detectron2.data.common import DatasetFromList, ToIterableDataset
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import DistillConfigError
 from .images import image_size
 
 logger = logging.getLogger(__name__)
@@ -163,8 +164,8 @@ def build_resumable_train_loader(dicts, mapper, total_batch_size, seed, aspect_r
     ``loader.resumable = (batch_sampler, dataset)``; set ``batch_sampler.start`` to the iteration to resume."""
     world = comm.get_world_size()
     if total_batch_size <= 0 or total_batch_size % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH ({total_batch_size}) must be a positive multiple of the number of "
-                         f"processes ({world}): each process takes IMS_PER_BATCH / {world} images per iteration.")
+        raise DistillConfigError(f"SOLVER.IMS_PER_BATCH ({total_batch_size}) must be a positive multiple of the "
+                                 f"number of processes ({world}): each process takes IMS_PER_BATCH / {world} images per iteration.")
     groups = aspect_ratio_groups(dicts) if aspect_ratio_grouping else None
     if groups is not None:
         logger.info("Aspect-ratio groups of the %d training images: %d landscape, %d portrait or square.",

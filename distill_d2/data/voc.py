@@ -30,6 +30,7 @@ from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from ..errors import DistillConfigError
 from .images import image_size
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ def _find_subfolder(folder, given, candidates, what, option, accept):
     if found and (len(found) == 1 or found[0][0] != found[1][0]):
         return os.path.join(folder, found[0][1])
     if len(found) > 1:  # e.g. Annotations/ and annotations/ on a case-sensitive file system
-        raise ValueError(f"VOC folder {folder} has several {what} folders ({', '.join(s for _, s in found)}): "
-                         + _entry_hint(option, found[0][1]) + ".")
+        raise DistillConfigError(f"VOC folder {folder} has several {what} folders ({', '.join(s for _, s in found)}): "
+                                 + _entry_hint(option, found[0][1]) + ".")
     if accept(folder):  # flat layout: xml files and images side by side
         return folder
     fitting = [s for s in subs if accept(os.path.join(folder, s))]

@@ -2,8 +2,8 @@
 
 Only the abstract is public: distil the whole feature hierarchy with (a)
 correspondence between stages, (b) a hands-on imitation loss and (c) micro and
-macro re-weighting. Everything below is our reconstruction (../shared/METHODS.md
-section 2), every choice a key of ``DISTILL.HGD``; docs/methods/HGD.md.
+macro re-weighting. Everything below is our reconstruction, every choice a key
+of ``DISTILL.HGD``; the method card docs/methods/HGD.md is the reference.
 
 * ``HierarchicalFeatureKD`` -> ``loss_kd_hgd``:
   (a) each stage in ``HGD.LEVELS`` (bottom-up ``res2..res5`` and FPN ``p2..p7``,
@@ -25,19 +25,39 @@ Presets: ``configs/synthetic/hgd_*.yaml``, ``configs/COCO-Detection/hgd_*.yaml``
 """
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 
-from ..losses import channel_normalized_loss
+from ..errors import DistillConfigError
+from ..losses import batch_normalize
 from ..masks import area_balanced_box_mask, box
-from ..terms import DISTILL_TERM_REGISTRY, DistillConfigError, DistillTerm, check_choice, distilled_levels, level_adapters
+from ..terms import DISTILL_TERM_REGISTRY, FeatureTerm, check_choice
 
 MACRO = ("fixed", "running_mean")
 
 
+# ------------------------------------------------------------------ loss formulas
+def channel_normalized_loss(student, teacher, weights, eps=1e-6):
+    """HGD's hands-on imitation of one stage: ``sum W (S-T)^2 / (C_t * sum W + eps)``.
+
+    Dividing by the teacher's channel count makes stages of 64 and 2048 channels comparable
+    (the loss is a weighted per-element mean). Sums over the local batch; the denominator
+    goes through :func:`batch_normalize`.
+
+    Args:
+        student: (N, C_t, H, W) adapted student map; teacher: (N, C_t, H, W); weights: (N, H, W) >= 0.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"HGD stage: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)} after adapter.")
+    num = ((student - teacher) ** 2 * weights[:, None]).sum()
+    return batch_normalize(num, teacher.shape[1] * weights.sum(), eps=eps)
+
+
 @DISTILL_TERM_REGISTRY.register()
-class HierarchicalFeatureKD(DistillTerm):
+class HierarchicalFeatureKD(FeatureTerm):
     reads = ("HGD.*",)
+    levels_key, adapter_key = "HGD.LEVELS", "HGD.ADAPTER"
+    resize = True  # an adapted map of another size is resized to the teacher's (bilinear)
+    mask_picture = "hgd_weight"
 
     @classmethod
     def add_config(cls, d):
@@ -63,11 +83,9 @@ class HierarchicalFeatureKD(DistillTerm):
         d.HGD.MOMENTUM = 0.99
 
     def __init__(self, cfg, ctx):
-        super().__init__(cfg, ctx)
         h = cfg.DISTILL.HGD
         check_choice("DISTILL.HGD.MACRO", h.MACRO, MACRO)
-        self.levels = distilled_levels(ctx, h.LEVELS, "DISTILL.HGD.LEVELS")
-        self.adapters = level_adapters(ctx, h.ADAPTER, self.levels, "DISTILL.HGD.ADAPTER")
+        super().__init__(cfg, ctx)
         #: (stage, stride, student channels, teacher channels), finest first
         self.pairs = [(lv, ctx.student_shapes[lv].stride, ctx.student_shapes[lv].channels,
                        ctx.teacher_shapes[lv].channels) for lv in self.levels]
@@ -88,11 +106,10 @@ class HierarchicalFeatureKD(DistillTerm):
         self.register_buffer("running", torch.zeros(len(self.levels)))
         self.h = h
 
-    def weights(self, rec):
-        """{stage: (N, H, W)} micro weights W on each stage's grid."""
+    def masks(self, rec):
+        """{stage: (N, H, W)} micro weights W on each stage's grid (the teacher's)."""
         h = self.h
-        # on the teacher's grid: the adapted student map is resized to it when the sizes differ
-        shapes = {lv: (rec.strides[lv], *rec.t_features[lv].shape[-2:]) for lv in self.levels}
+        shapes = self.grid(rec)
         binary = box(rec.gt_boxes, shapes, None)
         out = {}
         for lv, (s, hh, ww) in shapes.items():
@@ -100,15 +117,6 @@ class HierarchicalFeatureKD(DistillTerm):
             fg = (torch.stack([area_balanced_box_mask(b, s, hh, ww) for b in rec.gt_boxes]) if h.AREA_BALANCE
                   else m)
             out[lv] = h.FG_WEIGHT * fg + h.BG_WEIGHT * (1 - m)
-        return out
-
-    def adapted(self, rec):
-        """{stage: adapter(S)} resized to the teacher's map when the sizes differ."""
-        out = {}
-        for lv in self.levels:
-            a, t = self.adapters[lv](rec.features[lv]), rec.t_features[lv]
-            out[lv] = a if a.shape[-2:] == t.shape[-2:] else F.interpolate(a, size=t.shape[-2:], mode="bilinear",
-                                                                          align_corners=False)
         return out
 
     def macro_scales(self, stage_losses):
@@ -129,12 +137,9 @@ class HierarchicalFeatureKD(DistillTerm):
         return m.mean() / m
 
     def forward(self, rec):
-        w, a = self.weights(rec), self.adapted(rec)
-        losses = torch.stack([channel_normalized_loss(a[lv], rec.t_features[lv], w[lv]) for lv in self.levels])
+        w, a, t = self.masks(rec), self.adapted(rec), self.targets(rec)
+        losses = torch.stack([channel_normalized_loss(a[lv], t[lv], w[lv]) for lv in self.levels])
         scales = self.macro_scales(losses)
         scalars = {f"kd/hgd_{lv}": losses[i].detach() for i, lv in enumerate(self.levels)}
         scalars.update({f"kd/hgd_scale_{lv}": scales[i].detach() for i, lv in enumerate(self.levels)})
         return {"loss_kd_hgd": self.h.WEIGHT * (scales * losses).mean()}, scalars
-
-    def explain(self, rec):
-        return {"maps": {"hgd_weight": self.weights(rec)}}

@@ -5,16 +5,17 @@
 
 1. the *unchanged* detectron2 forward of the student runs (its own losses),
    while forward hooks record what it saw: the preprocessed batch, every
-   named backbone output (bottom-up stages and FPN levels) and, for the
-   head terms, the samples and head outputs (subclass ``_record_hooks`` /
-   ``_record_heads``);
+   named backbone output (bottom-up stages and FPN levels), the outputs of
+   the modules the terms tap and, for the head terms, the samples and head
+   outputs (subclass ``_record_hooks`` / ``_record_heads``);
 2. the frozen teacher preprocesses the same batch and runs its backbone once
    (no grad), and, only when an enabled term needs them, its head on the
-   student's samples;
+   student's samples (its taps recorded likewise);
 3. every term in ``kd_terms`` (``DISTILL.TERMS``) reads that
-   :class:`~distill_d2.record.StepRecord` and returns ``loss_kd_*`` values;
-   they are multiplied by lambda(iter) (``kd_weight``, set by
-   :class:`distill_d2.hooks.KDWeightScheduler`).
+   :class:`~distill_d2.record.StepRecord` (and what it declared in ``needs``,
+   computed on first use: teacher passes, taps, cross passes) and returns ``loss_kd_*`` values;
+   they are multiplied by lambda(iter) (``kd_weight``, :mod:`distill_d2.schedule`,
+   set by :class:`distill_d2.hooks.KDWeightScheduler`).
 
 The teacher is held outside the module tree (in no optimizer, DDP sync or
 checkpoint); the terms' adapters are saved with the student as
@@ -29,19 +30,23 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch import DenseDetector, GeneralizedRCNN
 
-from ..hooks import kd_weight
-from ..record import StepRecord
-from ..teacher import TeacherError, build_teacher, check_compatible, get_teacher_cfg
+from ..errors import TeacherError
+from ..record import CrossPass, ModelPair, StepRecord, Tap
+from ..schedule import kd_weight
+from ..teacher import build_teacher, check_compatible, get_teacher_cfg
 from ..terms import BuildContext, build_terms
+from .heads import check_taps, tap_hooks
 
 logger = logging.getLogger(__name__)
 
 
-def teacher_backbone_shapes(teacher_cfg):
-    """Teacher backbone built on the meta device (no memory, no weights) and its output shapes."""
+def teacher_structure(teacher_cfg, backbone_only=True):
+    """The teacher's backbone (or, with ``backbone_only=False``, its whole meta-arch) built on the meta device:
+    no memory, no weights, its modules and output shapes only, for build-time checks."""
     with torch.device("meta"):
-        backbone = build_backbone(teacher_cfg)
-    return backbone, backbone.output_shape()
+        if backbone_only:
+            return build_backbone(teacher_cfg)
+        return META_ARCH_REGISTRY.get(teacher_cfg.MODEL.META_ARCHITECTURE)(teacher_cfg)
 
 
 def bottom_up(backbone):
@@ -109,17 +114,24 @@ class DistillerMixin:
         self._rec = None  # raw recordings of the step in progress
         self._pending_scalars = []
         self._teacher_checked = False
-        t_backbone, _ = teacher_backbone_shapes(self.teacher_cfg)
-        check_compatible(self.backbone, t_backbone, [], cfg, self.teacher_cfg)  # classes, padding
+        t_backbone = teacher_structure(self.teacher_cfg)
+        check_compatible(self.backbone, t_backbone, cfg, self.teacher_cfg)  # classes, padding
         ctx = BuildContext(cfg=cfg, teacher_cfg=self.teacher_cfg, family=self.FAMILY,
                            teacher_family=family_of(self.teacher_cfg.MODEL.META_ARCHITECTURE),
                            student_shapes=all_output_shapes(self.backbone),
                            teacher_shapes=all_output_shapes(t_backbone), student=self)
         self.kd_terms = build_terms(cfg, ctx)
-        needs = set().union(*(t.needs for t in self.kd_terms.values()))
-        self.needs_heads = "heads" in needs
-        if needs & {"heads", "same_family"}:
-            self._check_head_terms_supported([n for n, t in self.kd_terms.items() if t.needs])
+        #: everything the terms declared: the record serves these (and refuses others)
+        self.needs = frozenset().union(*(t.needs for t in self.kd_terms.values()))
+        if any(isinstance(n, (Tap, CrossPass)) for n in self.needs):  # module paths: check them in both models
+            check_taps(self.needs, self, teacher_structure(self.teacher_cfg, backbone_only=False), self.FAMILY)
+        self.needs_heads = "heads" in self.needs
+        taps = {n for n in self.needs if isinstance(n, Tap)} | {c.tap for c in self.needs if isinstance(c, CrossPass)}
+        self._declared = self.needs | taps  # (a cross pass reads its tap)
+        self._taps = {m: sorted((t for t in taps if t.model == m), key=str) for m in ("student", "teacher")}
+        head_terms = [n for n, t in self.kd_terms.items() if any(isinstance(x, str) for x in t.needs)]
+        if head_terms:  # the head outputs, or a teacher pass through the heads
+            self._check_head_terms_supported(head_terms)
         self._register_load_state_dict_pre_hook(self._upgrade_legacy_keys)
 
     def _check_head_terms_supported(self, names):
@@ -139,7 +151,7 @@ class DistillerMixin:
     def setup_teacher(self):
         """Build, load, freeze and check the teacher (idempotent); returns it."""
         if self._teacher is None:
-            teacher, _ = build_teacher(self._student_cfg)
+            teacher, _ = build_teacher(self._student_cfg, self.teacher_cfg)
             for term in self.kd_terms.values():
                 term.check_teacher(self, teacher)
             object.__setattr__(self, "_teacher", teacher.to(self.device))
@@ -218,15 +230,18 @@ class DistillerMixin:
             hooks.append((bottom_up(self.backbone), lambda out: raw.__setitem__("bottom_up", out)))
         if self.needs_heads:
             hooks += self._record_hooks(raw)
+        taps = {}
+        hooks += tap_hooks(self._taps["student"], self, taps)
         self._rec = raw
         try:
             with forward_hooks(hooks):
                 losses = super().forward(batched_inputs)  # detectron2's own training forward
         finally:
             self._rec = None
-        rec = self._record_teacher(batched_inputs, raw, teacher)
-        if self.needs_heads:
-            self._record_heads(rec, raw)
+        with forward_hooks(tap_hooks(self._taps["teacher"], teacher, taps)):  # its backbone and head passes
+            rec = self._record_teacher(batched_inputs, raw, teacher, taps)
+            if self.needs_heads:
+                self._record_heads(rec, raw)
         if not self._teacher_checked:
             self._check_teacher_outputs(rec)
         return losses, rec
@@ -244,7 +259,7 @@ class DistillerMixin:
             scalars.update(t_scalars)
         return kd, scalars
 
-    def _record_teacher(self, batched_inputs, raw, teacher):
+    def _record_teacher(self, batched_inputs, raw, teacher, taps):
         """The step record: the student's recorded outputs + the teacher's backbone on the same batch."""
         images = raw["images"]
         t_images = self.teacher_preprocess(batched_inputs, images)
@@ -256,10 +271,11 @@ class DistillerMixin:
             t_feat = teacher.backbone(t_images.tensor)
         strides = {k: v.stride for k, v in all_output_shapes(self.backbone).items()}
         return StepRecord(
-            student=self, teacher=teacher, images=images, t_images=t_images,
+            images=images, t_images=t_images,
             gt_instances=[x["instances"].to(self.device) for x in batched_inputs],
             features={**raw.get("bottom_up", {}), **raw["features"]},
             t_features={**t_raw.get("bottom_up", {}), **t_feat}, strides=strides,
+            models=ModelPair(self, teacher), taps=taps, declared=self._declared,
         )
 
     def _check_teacher_outputs(self, rec):
@@ -294,7 +310,7 @@ class DistillerMixin:
 
     def describe_terms(self):
         """One line per term: name, what it needs, trainable parameters (for the log)."""
-        return [f"{name}: needs {sorted(t.needs) or 'features only'}, "
+        return [f"{name}: needs {sorted(map(str, t.needs)) or 'features only'}, "
                 f"{sum(p.numel() for p in t.parameters())} trainable parameters"
                 for name, t in self.kd_terms.items()]
 

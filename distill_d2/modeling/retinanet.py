@@ -11,7 +11,7 @@ from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.structures import Boxes
 
-from ..record import DenseRecord
+from ..record import DenseRecord, provider
 from .distiller import DistillerMixin
 
 
@@ -37,7 +37,7 @@ class DistillRetinaNet(DistillerMixin, RetinaNet):
     def _record_heads(self, rec, raw):
         anchors, logits, gt_labels, deltas, gt_boxes = raw["dense"]
         with torch.no_grad():
-            t_logits, t_deltas = dense_predictions(rec.teacher, rec.t_features)
+            t_logits, t_deltas = dense_predictions(self._teacher, rec.t_features)
         rec.dense = DenseRecord(
             anchors=Boxes.cat(anchors).tensor, labels=torch.stack(gt_labels), gt_boxes=torch.stack(gt_boxes),
             logits=cat(logits, dim=1), deltas=cat(deltas, dim=1), t_logits=t_logits, t_deltas=t_deltas,
@@ -45,8 +45,9 @@ class DistillRetinaNet(DistillerMixin, RetinaNet):
         )
 
 
-def dense_level_sizes(rec):
+@provider(families=("dense",), same_family=False)
+def dense_level_sizes(rec, need):
     """{level: (H, W, A)} of the student's head levels, in the order of the anchors of ``rec.dense``."""
-    model = rec.student
+    model = rec.models.student
     return {f: (*rec.features[f].shape[-2:], a)
             for f, a in zip(model.head_in_features, model.anchor_generator.num_anchors)}

@@ -43,8 +43,8 @@ RUNS = {
                    TAR, ["SOLVER.BASE_LR", "0.1"], 40, 100),
     "tar_feat_weight_x1e4": ("TAR with the right teacher and DISTILL.FEAT.WEIGHT x1e4 (0.01 -> 100)",
                              TAR, ["DISTILL.FEAT.WEIGHT", "100.0"], 40, 40),
-    "tar_box_weight_x1e4": ("TAR with the right teacher and DISTILL.BOX.WEIGHT x1e4 (1 -> 1e4): the gated term",
-                            TAR, ["DISTILL.BOX.WEIGHT", "10000.0"], 40, 80),
+    "tar_box_weight_x1e4": ("TAR with the right teacher and DISTILL.TAR.BOX_WEIGHT x1e4 (1 -> 1e4): the gated term",
+                            TAR, ["DISTILL.TAR.BOX_WEIGHT", "10000.0"], 40, 80),
     "plain_correct": ("plain R18 Faster R-CNN student at the preset's LR: a correct run", PLAIN, [], None, 100),
     "plain_lr_x10": ("plain R18 Faster R-CNN student at SOLVER.BASE_LR x10 (0.1)", PLAIN,
                      ["SOLVER.BASE_LR", "0.1"], None, 100),
@@ -74,7 +74,8 @@ def _round(v):
 
 def train_teacher(work, iters, seed):
     """Path of the R34 teacher trained ``iters`` iterations (cached)."""
-    from distill_d2.engine import Trainer, load_cfg
+    from distill_d2.config import load_cfg
+    from distill_d2.engine import Trainer
 
     out = os.path.join(work, f"teacher_{iters}_seed{seed}")
     path = os.path.join(out, "model_final.pth")
@@ -92,7 +93,7 @@ def random_teacher(work):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from distill_d2.engine import load_cfg
+    from distill_d2.config import load_cfg
 
     out = os.path.join(work, "teacher_random")
     path = os.path.join(out, "model_final.pth")
@@ -107,7 +108,9 @@ def random_teacher(work):
 def record(name, work, iters, seed):
     from detectron2.engine import HookBase
 
-    from distill_d2.engine import Trainer, load_cfg, unwrap
+    from distill_d2.config import load_cfg
+    from distill_d2.engine import Trainer
+    from distill_d2.hooks import unwrap
 
     what, config, extra, teacher, default_iters = RUNS[name]
     iters = iters or default_iters
