@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.distill_d2-setup
 
-.PHONY: setup demo test bench bench-bccd clean-venv
+.PHONY: setup demo test bench bench-bccd clean-venv speed-vs
 
 # Idempotent: re-runs only when the venv is missing or the install inputs changed.
 setup: $(STAMP)
@@ -43,3 +43,8 @@ bench-bccd: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Train-step cost ratios of this checkout next to revision REV (A B A B, output/speed_vs/).
+REV ?= HEAD~1
+speed-vs: setup
+	bash .ci/speed_vs.sh $(REV)

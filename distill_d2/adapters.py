@@ -6,6 +6,7 @@ dropped by ``distill_d2.export``.
 """
 import torch
 import torch.nn as nn
+from detectron2.layers import NaiveSyncBatchNorm
 
 from .registry import ADAPTER_REGISTRY
 
@@ -55,13 +56,20 @@ def build_adapters(kind, levels, student_channels, teacher_channels, key="DISTIL
         raise ValueError(f"{key}: {e}") from None
 
 
+def _batch_norm(c):
+    """BatchNorm over the images of every process (one process: exactly ``nn.BatchNorm2d``; several:
+    the statistics of the whole batch, weighted by each process's image count, so the loss does not
+    depend on the process count)."""
+    return NaiveSyncBatchNorm(c, stats_mode="N")
+
+
 @ADAPTER_REGISTRY.register()
 def conv1x1_bn(cin, cout):
     """1x1 conv + BatchNorm (HGD's stage adapter: maps 64..512 student channels to 256..2048)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=1, bias=False), nn.BatchNorm2d(cout))
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=1, bias=False), _batch_norm(cout))
 
 
 @ADAPTER_REGISTRY.register()
 def conv3x3_bn(cin, cout):
     """3x3 conv + BatchNorm."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(cout))
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), _batch_norm(cout))

@@ -74,6 +74,9 @@ class CrossPass:
     start: int
     prepare: Optional[object] = None
 
+    def __str__(self):
+        return f"cross:{self.tap}->teacher {self.branch}[{self.start}:]"
+
 
 @dataclass
 class RoIRecord:
@@ -113,6 +116,9 @@ class DenseRecord:
     t_deltas: torch.Tensor  #: (N, R, 4) teacher (no grad)
     num_classes: int
     box2box_transform: object
+    #: the student's RetinaNet loss normaliser this step (detectron2's EMA of the foreground count, the
+    #: denominator of its detection losses)
+    loss_normalizer: float = 1.0
 
     @property
     def num_pos(self):
@@ -198,6 +204,10 @@ class StepRecord:
         def f(x):
             return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
 
+        def tap(x, version):  # a converted copy is a fresh tensor: its own version counter
+            y = f(x)
+            return y, (version if y is x else y._version)
+
         heads = {}
         for name in ("rois", "dense"):
             r = getattr(self, name)
@@ -206,7 +216,7 @@ class StepRecord:
                                       t_deltas=f(r.t_deltas))
         return replace(self, features={k: f(v) for k, v in self.features.items()},
                        t_features={k: f(v) for k, v in self.t_features.items()},
-                       taps={k: [(f(x), v if f(x) is x else f(x)._version) for x, v in xs] for k, xs in self.taps.items()},
+                       taps={k: [tap(x, v) for x, v in xs] for k, xs in self.taps.items()},
                        cache={}, **heads)
 
     def level_shapes(self, levels):

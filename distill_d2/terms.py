@@ -299,8 +299,9 @@ def build_terms(cfg, ctx):
             )
         variant = cls.by_family[ctx.family] if cls.by_family else cls
         check_needs(n, variant, variant.needs, ctx)
-    check_weights(cfg.DISTILL, classes)
-    check_unread_keys(cfg, names, classes)
+    variants = [cls.by_family[ctx.family] if cls.by_family else cls for cls in classes]
+    check_weights(cfg.DISTILL, variants)
+    check_unread_keys(cfg, names, variants)
     terms = {}
     for n, cls in zip(names, classes):
         term = terms[n] = cls(cfg, ctx)

@@ -10,7 +10,8 @@ from distill_d2.methods.defeat import decoupled_feature_loss
 from distill_d2.masks import build_masks, defeat_backbone_masks, defeat_levels, floor_box_mask
 
 CFG = CfgNode({"DEFEAT_CANONICAL_SIZE": 56.0})
-SHAPES = {"p2": (4, 64, 64), "p3": (8, 32, 32), "p4": (16, 16, 16), "p5": (32, 8, 8), "p6": (64, 4, 4)}
+# a 192 x 256 px (H x W) batch: H != W on every level
+SHAPES = {"p2": (4, 48, 64), "p3": (8, 24, 32), "p4": (16, 12, 16), "p5": (32, 6, 8), "p6": (64, 3, 4)}
 
 
 def sq(w, x0=0.0, y0=0.0):
@@ -33,14 +34,14 @@ def test_level_assignment_boundaries():
 def test_decoupled_mask_floor_rule_and_single_level():
     box = torch.tensor([[10.0, 20.0, 50.0, 37.0]])  # w=40, h=17 -> s ~ 31.6 -> level 0 (p2, stride 4)
     m = build_masks("defeat", [box], SHAPES, CFG)
-    want = torch.zeros(64, 64)
+    want = torch.zeros(48, 64)
     want[5:9, 2:12] = 1  # rows floor(20/4)=5 .. floor(37/4)=9, cols floor(10/4)=2 .. floor(50/4)=12
     assert torch.equal(m["p2"][0], want)
     assert all(m[lv].sum() == 0 for lv in ("p3", "p4", "p5", "p6"))
     big = torch.tensor([[8.0, 40.0, 130.0, 200.0]])  # s = sqrt(123*161) ~ 140.7 -> level 1 (p3, stride 8)
     m = build_masks("defeat", [big], SHAPES, CFG)
-    want = torch.zeros(32, 32)
-    want[5:25, 1:16] = 1  # rows 40//8=5 .. 200//8=25; cols 8//8=1 .. 130//8=16
+    want = torch.zeros(24, 32)
+    want[5:24, 1:16] = 1  # rows 40//8=5 .. 200//8=25 clamped to the 24 rows; cols 8//8=1 .. 130//8=16
     assert torch.equal(m["p3"][0], want) and m["p2"].sum() == 0
 
 
@@ -49,21 +50,21 @@ def test_degenerate_box_marks_one_cell():
     m = build_masks("defeat", [thin], SHAPES, CFG)["p2"][0]
     assert m.sum() == 1 and m[2, 2] == 1
     m2 = build_masks("defeat", [thin, torch.zeros((0, 4))], SHAPES, CFG)["p2"]
-    assert m2.shape == (2, 64, 64) and m2[1].sum() == 0
+    assert m2.shape == (2, 48, 64) and m2[1].sum() == 0
 
 
 def test_fg_bg_normalisation_by_hand():
-    s = {"p2": torch.zeros(2, 3, 2, 2), "p3": torch.zeros(2, 3, 1, 1)}
-    t = {"p2": torch.ones(2, 3, 2, 2), "p3": torch.full((2, 3, 1, 1), 2.0)}
+    s = {"p2": torch.zeros(2, 3, 2, 3), "p3": torch.zeros(2, 3, 1, 2)}
+    t = {"p2": torch.ones(2, 3, 2, 3), "p3": torch.full((2, 3, 1, 2), 2.0)}
     t["p2"][1] = 3.0
-    m = {"p2": torch.zeros(2, 2, 2), "p3": torch.zeros(2, 1, 1)}
-    m["p2"][0, 0, 0] = 1  # one fg cell in image 0; image 1 all background
+    m = {"p2": torch.zeros(2, 2, 3), "p3": torch.zeros(2, 1, 2)}
+    m["p2"][0, 0, 2] = 1  # one fg cell in image 0; image 1 all background
     fg, bg = decoupled_feature_loss(s, t, m)
     # p2 fg: 3 channels * 1^2 / (2*3*1) = 0.5 ; p3 fg: no fg -> 0 / max(1, 0) = 0
     assert fg.item() == pytest.approx((0.5 + 0.0) / 2)
-    # p2 bg: image 0: 3 cells * 3 ch * 1 = 9; image 1: 4 cells * 3 ch * 9 = 108 -> 117 / (2*3*7)
-    # p3 bg: 2 cells * 3 ch * 4 = 24 / (2*3*2)
-    assert bg.item() == pytest.approx((117 / 42 + 24 / 12) / 2)
+    # p2 bg: image 0: 5 cells * 3 ch * 1 = 15; image 1: 6 cells * 3 ch * 9 = 162 -> 177 / (2*3*11)
+    # p3 bg: 4 cells * 3 ch * 4 = 48 / (2*3*4)
+    assert bg.item() == pytest.approx((177 / 66 + 48 / 24) / 2)
 
 
 def test_defeat_adapter_initialisation_statistics():
@@ -126,15 +127,15 @@ def test_floor_box_mask_matches_naive_loop(stride, height, width):
 
 def test_negative_coordinates_clamp_at_zero():
     # floor(-10/4) = -3, floor(9/4) = 2: cols [0, 2); floor(-6/4) = -2, floor(13/4) = 3: rows [0, 3)
-    m = floor_box_mask(torch.tensor([[-10.0, -6.0, 9.0, 13.0]]), 4, 8, 8)
-    want = torch.zeros(8, 8)
+    m = floor_box_mask(torch.tensor([[-10.0, -6.0, 9.0, 13.0]]), 4, 8, 10)
+    want = torch.zeros(8, 10)
     want[0:3, 0:2] = 1
     assert torch.equal(m, want)  # a Python slice [-3:2] would have marked nothing
-    # degenerate at negative coordinates: the clamped cell (1, 0), not column -3 = 5
-    m = floor_box_mask(torch.tensor([[-10.0, 5.0, -9.0, 20.0]]), 4, 8, 8)
+    # degenerate at negative coordinates: the clamped cell (1, 0), not column -3 = 7
+    m = floor_box_mask(torch.tensor([[-10.0, 5.0, -9.0, 20.0]]), 4, 8, 10)
     assert m.sum() == 1 and m[1, 0] == 1
     # entirely above-left of the grid: nothing (a slice [-5:-2] would mark cells at the far end)
-    assert floor_box_mask(torch.tensor([[-20.0, -20.0, -5.0, -5.0]]), 4, 8, 8).sum() == 0
+    assert floor_box_mask(torch.tensor([[-20.0, -20.0, -5.0, -5.0]]), 4, 8, 10).sum() == 0
     # and through the registry builder (same floor rule on the box's level)
     m = build_masks("defeat", [torch.tensor([[-10.0, -6.0, 9.0, 13.0]])], SHAPES, CFG)["p2"][0]
     assert m.sum() == 6 and m[0:3, 0:2].sum() == 6

@@ -195,3 +195,34 @@ def test_explain_shows_the_micro_weights():
     assert set(maps) == {"p2", "p3"}
     assert maps["p2"][1].unique().tolist() == [0.5]  # the image without gt: background only
     assert maps["p2"][0].max().item() == 1.0
+
+
+def naive_bilinear(x, h2, w2):
+    """(h2, w2) bilinear resize of a 2-D list ``x`` with half-pixel centres (align_corners False), edges clamped."""
+    h, w = len(x), len(x[0])
+    out = [[0.0] * w2 for _ in range(h2)]
+    for i in range(h2):
+        for j in range(w2):
+            sy, sx = max((i + 0.5) * h / h2 - 0.5, 0.0), max((j + 0.5) * w / w2 - 0.5, 0.0)
+            y0, x0 = int(sy), int(sx)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            fy, fx = sy - y0, sx - x0
+            out[i][j] = ((1 - fy) * ((1 - fx) * x[y0][x0] + fx * x[y0][x1])
+                         + fy * ((1 - fx) * x[y1][x0] + fx * x[y1][x1]))
+    return out
+
+
+def test_adapted_map_of_another_size_is_resized_bilinearly_to_the_teachers():
+    """FeatureTerm.resize (HGD): a student stage of another spatial size (e.g. another stem) is resized to
+    the teacher's grid with bilinear interpolation, half-pixel centres; the weights live on that grid."""
+    term = hgd_term(HGD__LEVELS=["p3"])
+    rec = record()
+    rec.t_features["p3"] = torch.randn(2, 2, 6, 10)  # the teacher's p3: twice the student's (3, 5)
+    a = term.adapted(rec)["p3"]
+    assert a.shape == (2, 2, 6, 10)
+    raw = term.adapters["p3"](rec.features["p3"])
+    for n in range(2):
+        for c in range(2):
+            want = naive_bilinear(raw[n, c].tolist(), 6, 10)
+            assert torch.allclose(a[n, c], torch.tensor(want), atol=1e-5)
+    assert term.masks(rec)["p3"].shape == (2, 6, 10)

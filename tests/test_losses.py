@@ -9,14 +9,14 @@ from distill_d2.methods.tar import box_kd_loss
 
 
 def test_masked_feature_loss_fgfi_by_hand():
-    s = {"p2": torch.zeros(1, 2, 2, 2), "p3": torch.zeros(1, 2, 1, 1)}
-    t = {"p2": torch.ones(1, 2, 2, 2), "p3": torch.full((1, 2, 1, 1), 2.0)}
-    m = {"p2": torch.tensor([[[1.0, 0.5], [0.0, 0.0]]]), "p3": torch.tensor([[[1.0]]])}
-    # numerator: p2: (1 + 0.5) * 2 channels * 1^2 = 3; p3: 1 * 2 channels * 4 = 8 -> 11
-    # denominator: 2 * (1.5 + 1) = 5
-    assert masked_feature_loss(s, t, m, "fgfi").item() == pytest.approx(11 / 5, rel=1e-5)
-    # mean: p2 3 / 8 elements, p3 8 / 2 -> (0.375 + 4) / 2
-    assert masked_feature_loss(s, t, m, "mean").item() == pytest.approx((3 / 8 + 4) / 2, rel=1e-6)
+    s = {"p2": torch.zeros(1, 2, 2, 3), "p3": torch.zeros(1, 2, 1, 2)}  # H != W
+    t = {"p2": torch.ones(1, 2, 2, 3), "p3": torch.full((1, 2, 1, 2), 2.0)}
+    m = {"p2": torch.tensor([[[1.0, 0.5, 0.0], [0.0, 0.0, 0.25]]]), "p3": torch.tensor([[[1.0, 0.0]]])}
+    # numerator: p2: (1 + 0.5 + 0.25) * 2 channels * 1^2 = 3.5; p3: 1 * 2 channels * 4 = 8 -> 11.5
+    # denominator: 2 * (1.75 + 1) = 5.5
+    assert masked_feature_loss(s, t, m, "fgfi").item() == pytest.approx(11.5 / 5.5, rel=1e-5)
+    # mean: p2 3.5 / 12 elements, p3 8 / 4 -> (3.5 / 12 + 2) / 2
+    assert masked_feature_loss(s, t, m, "mean").item() == pytest.approx((3.5 / 12 + 2) / 2, rel=1e-6)
 
 
 def test_masked_feature_loss_zero_mask_is_zero_and_shape_mismatch_raises():

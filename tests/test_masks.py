@@ -130,7 +130,8 @@ def ref_box_cells(box, height, width):
     x0, y0, x1, y1 = box
     cells = {(i, j) for i in range(height) for j in range(width) if x0 <= j + 0.5 < x1 and y0 <= i + 0.5 < y1}
     if not cells:
-        cells = {(min(max(math.floor((y0 + y1) / 2), 0), height - 1), min(max(math.floor((x0 + x1) / 2), 0), width - 1))}
+        ci, cj = math.floor((y0 + y1) / 2), math.floor((x0 + x1) / 2)
+        cells = {(min(max(ci, 0), height - 1), min(max(cj, 0), width - 1))}
     return cells
 
 

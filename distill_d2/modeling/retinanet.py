@@ -42,6 +42,7 @@ class DistillRetinaNet(DistillerMixin, RetinaNet):
             anchors=Boxes.cat(anchors).tensor, labels=torch.stack(gt_labels), gt_boxes=torch.stack(gt_boxes),
             logits=cat(logits, dim=1), deltas=cat(deltas, dim=1), t_logits=t_logits, t_deltas=t_deltas,
             num_classes=self.num_classes, box2box_transform=self.box2box_transform,
+            loss_normalizer=float(self.loss_normalizer),
         )
 
 
