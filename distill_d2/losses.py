@@ -151,3 +151,72 @@ def sigmoid_kd_loss(student_logits, teacher_logits, valid, normalizer, temperatu
         q, p_t, reduction="none")
     kl = torch.where(valid[..., None], kl, torch.zeros_like(kl))
     return batch_normalize(kl.sum() * t * t, normalizer, min_den=1)
+
+
+# ------------------------------------------------------------------ per-channel batch statistics (PKD, CWD, CrossKD)
+class _SumOverProcesses(torch.autograd.Function):
+    """all_reduce (sum) whose backward all-reduces the gradient (the gradient of every process's loss
+    reaches the inputs of every process)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_processes(x, sync=True):
+    """``x`` summed over all processes when ``sync`` and more than one process run, else ``x``.
+
+    Differentiable: the backward sums the gradients over processes too, so each process gets the
+    gradient of the sum of all processes' losses through the shared statistics (as SyncBatchNorm does).
+    """
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _SumOverProcesses.apply(x)
+    return x
+
+
+def channel_moments(maps, unbiased=True, sync=True):
+    """Per-channel mean and variance over (N, H, W) of each map, in two passes (mean, then the centred
+    sum of squares: no cancellation in float32). With ``sync`` the sums and element counts of every
+    pass are all-reduced over processes, all maps in one call, so the statistics are those of the
+    whole batch.
+
+    Args:
+        maps: list of (N, C_i, H_i, W_i) tensors (one dtype).
+        unbiased: divide the centred sum by count - 1 (torch's default std), else by count; the
+            divisor is clamped to >= 1 (a single element has variance 0, not NaN).
+    Returns:
+        list of (mean (C_i,), var (C_i,)).
+    """
+    dt, dev = maps[0].dtype, maps[0].device
+    chans = [m.shape[1] for m in maps]
+    counts = torch.tensor([float(m.shape[0] * m.shape[2] * m.shape[3]) for m in maps], dtype=dt, device=dev)
+    first = sum_over_processes(torch.cat([m.sum(dim=(0, 2, 3)) for m in maps] + [counts]), sync)
+    sums, counts = first[:-len(maps)].split(chans), first[-len(maps):].detach()
+    means = [s / n for s, n in zip(sums, counts)]
+    centred = torch.cat([((m - mu.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3)) for m, mu in zip(maps, means)])
+    centred = sum_over_processes(centred, sync).split(chans)
+    div = [(n - 1 if unbiased else n).clamp(min=1) for n in counts]
+    return [(mu, c / d) for mu, c, d in zip(means, centred, div)]
+
+
+def standardize_channels(maps, eps=1e-6, unbiased=True, sync=True, eps_inside=False):
+    """Each (N, C, H, W) map standardised per channel with :func:`channel_moments`.
+
+    ``eps_inside`` False: ``(X - mu) / (sqrt(var) + eps)`` (PKD); True: ``(X - mu) / sqrt(var + eps)``
+    (an affine-free BatchNorm in training mode, with its biased var when ``unbiased`` False).
+    The variance is clamped at 1e-24 under the square root (a constant channel gets a zero, not a NaN,
+    gradient there).
+    """
+    out = []
+    for x, (mu, var) in zip(maps, channel_moments(maps, unbiased, sync)):
+        sd = (var + eps).sqrt() if eps_inside else var.clamp(min=1e-24).sqrt() + eps
+        out.append((x - mu.view(1, -1, 1, 1)) / sd.view(1, -1, 1, 1))
+    return out

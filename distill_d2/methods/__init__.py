@@ -6,6 +6,7 @@ up without editing anything else); its presets are YAML files under configs/.
 * ``generic``: masked feature imitation (FitNet, TAR/FGFI feature term), logit KD (Hinton, TAR cls term)
 * ``tar``: TAR's teacher-better box KD and reverse proposal sharing
 * ``defeat``: DeFeat's decoupled neck / backbone features and decoupled proposals
+* ``hgd``, ``tbd``: HGD, TBD (reconstructions); ``pkd``, ``cwd``, ``mgd``, ``fgd``, ``crosskd``: the methods users pick today
 """
 import importlib
 import pkgutil

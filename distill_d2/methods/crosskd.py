@@ -22,14 +22,13 @@ gradient. One registered term, ``CrossKD``, with one implementation per detector
   that class's teacher probability, divided by ``4 sum w``.
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from fvcore.nn import giou_loss
 
 from ..errors import DistillConfigError, TeacherError
-from ..losses import batch_normalize, class_deltas, kl_rows
+from ..losses import batch_normalize, channel_moments, class_deltas, kl_rows, standardize_channels
 from ..record import CrossPass, Tap
 from ..teacher import check_same_anchors
 from ..terms import DISTILL_TERM_REGISTRY, DistillTerm, check_choice
@@ -38,33 +37,18 @@ STD_EPS = 1e-6  # added to the per-channel std (reference)
 
 
 # ------------------------------------------------------------------ loss formulas
-def channel_moments(x, stats="global"):
-    """Per-channel mean and unbiased std over (N, H, W) of ``x`` (N, C, H, W), in float32.
-
-    ``stats`` "global": the sums are taken over the images of every process (the statistics of the whole
-    batch; the gradient flows through this process's share); "local": this process's images only
-    (the reference, per GPU). Returns (mean (C,), std (C,)).
-    """
-    x = x.float()
-    s1, s2 = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
-    n = torch.full_like(s1, x.shape[0] * x.shape[2] * x.shape[3])
-    if stats == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        total = torch.stack([s1, s2, n]).detach().clone()
-        dist.all_reduce(total)
-        s1, s2, n = s1 + (total[0] - s1).detach(), s2 + (total[1] - s2).detach(), total[2]
-    mean = s1 / n
-    var = (s2 - n * mean * mean) / (n - 1).clamp(min=1)
-    return mean, var.clamp(min=1e-12).sqrt()
-
-
 def align_scale(student, teacher, stats="global"):
-    """``(S - mu_S) / (sigma_S + eps) * sigma_T + mu_T`` per channel (moments over N, H, W): the student's
-    tensor with the teacher's per-channel statistics. student, teacher: (N, C, H, W)."""
-    mu_s, sd_s = channel_moments(student, stats)
+    """``(S - mu_S) / (sigma_S + eps) * sigma_T + mu_T`` per channel, moments over (N, H, W), unbiased std:
+    the student's tensor with the teacher's per-channel statistics, in float32. student, teacher: (N, C, H, W).
+
+    ``stats`` "global": moments of the whole batch over every process (all-reduced, differentiably, as
+    :func:`~distill_d2.losses.channel_moments` does); "local": this process's images (the reference, per GPU).
+    """
+    sync = stats == "global"
+    s_hat, = standardize_channels([student.float()], eps=STD_EPS, sync=sync)
     with torch.no_grad():
-        mu_t, sd_t = channel_moments(teacher, stats)
-    shape = (1, -1, 1, 1)
-    return (student.float() - mu_s.view(shape)) / (sd_s.view(shape) + STD_EPS) * sd_t.view(shape) + mu_t.view(shape)
+        (mu_t, var_t), = channel_moments([teacher.float()], sync=sync)
+    return s_hat * var_t.clamp(min=1e-24).sqrt().view(1, -1, 1, 1) + mu_t.view(1, -1, 1, 1)
 
 
 def quality_focal_kd(logits, t_logits, valid, beta=1.0):

@@ -1,6 +1,6 @@
 """MGD (Yang et al., ECCV 2022, "Masked Generative Distillation"): regenerate the teacher's FPN maps from
-randomly masked student maps. Specification: ../shared/METHODS_NEWER.md section 2 (read from yzd-v/MGD and
-MMRazor); method card docs/methods/MGD.md.
+randomly masked student maps, as the reference code does it (yzd-v/MGD, MMRazor); the method card
+docs/methods/MGD.md is the reference.
 
 * ``MaskedGenerativeKD`` -> ``loss_kd_mgd``. Its settings are the student's detector node,
   ``DISTILL.MGD.RCNN`` (Faster R-CNN) or ``DISTILL.MGD.RETINANET`` (RetinaNet), plus the shared
