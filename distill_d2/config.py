@@ -77,10 +77,11 @@ def add_term_configs(distill_node):
         parent = distill_node
         for part in reversed(path):
             parent = parent.setdefault(part, CN())
-        parent[node] = _get(distill_node, new)
+        parent[node] = lookup(distill_node, new)
 
 
-def _get(node, key):
+def lookup(node, key):
+    """``node``'s value at dotted ``key`` (e.g. ``lookup(cfg.DISTILL, "HGD.LEVELS")``)."""
     for part in key.split("."):
         node = node[part]
     return node
@@ -113,7 +114,7 @@ def migrate_renamed_keys(cfg, dry_run=False):
         new = table[old]
         if new not in defaults:
             defaults[new] = _default(new)
-        value, new_value = _get(cfg.DISTILL, old), _get(cfg.DISTILL, new)
+        value, new_value = lookup(cfg.DISTILL, old), lookup(cfg.DISTILL, new)
         if _same(value, defaults[new]):
             continue
         if not _same(new_value, defaults[new]) and not _same(new_value, value):
@@ -122,7 +123,7 @@ def migrate_renamed_keys(cfg, dry_run=False):
         logging.getLogger(__name__).warning("DISTILL.%s was renamed to DISTILL.%s: read from the old name (rename "
                                             "it in your config; the old name will go)", old, new)
         _set(cfg.DISTILL, new, value)
-    moved = [(old, table[old]) for old in present if not _same(_get(cfg.DISTILL, old), defaults[table[old]])]
+    moved = [(old, table[old]) for old in present if not _same(lookup(cfg.DISTILL, old), defaults[table[old]])]
     for old in present:
         *path, last = old.split(".")
         parent = cfg.DISTILL

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 
 from .adapters import build_adapters
-from .config import changed_keys, default_distill_node, flat_items, migrate_renamed_keys
+from .config import changed_keys, default_distill_node, flat_items, lookup, migrate_renamed_keys
 from .errors import DistillConfigError, TeacherError
 from .masks import build_masks
 from .record import BUILTIN_NEEDS, CrossPass, Tap
@@ -163,13 +163,6 @@ def check_choice(key, value, choices):
 
 def check_mask(key, name):
     check_choice(key, name, sorted(k for k, _ in MASK_REGISTRY))
-
-
-def lookup(node, key):
-    """``node``'s value at dotted ``key`` (e.g. ``lookup(cfg.DISTILL, "HGD.LEVELS")``)."""
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 class FeatureTerm(DistillTerm):

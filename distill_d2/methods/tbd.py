@@ -37,10 +37,11 @@ from detectron2.structures.boxes import matched_pairwise_iou
 
 import torch.nn.functional as F
 
+from ..config import lookup
 from ..errors import DistillConfigError
 from ..losses import batch_normalize, class_deltas, masked_feature_loss
 from ..teacher import check_same_anchors
-from ..terms import DISTILL_TERM_REGISTRY, FeatureTerm, check_choice, lookup
+from ..terms import DISTILL_TERM_REGISTRY, FeatureTerm, check_choice
 from .generic import LogitTerm, per_image
 
 HS_FORMS = ("power", "tood", "agreement")
