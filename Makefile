@@ -48,3 +48,53 @@ clean-venv:
 REV ?= HEAD~1
 speed-vs: setup
 	bash .ci/speed_vs.sh $(REV)
+
+.PHONY: bench-neu gpu-check
+
+# The NEU-DET benchmark (docs/RESULTS.md): ../shared/data/NEU-DET (1,800 grayscale 200x200 steel-surface
+# images, 6 classes, VOC layout; fixed splits train 1,200 + val 240 = trainval, test 360). Every method on
+# main, both detectors, 3 seeds, the full protocol: same-iteration, same-compute and 3x baselines, the two
+# best methods per detector on BCCD (docs/RESULTS.md, chosen before any NEU-DET number: Faster R-CNN TBD,
+# DeFeat; RetinaNet Hinton, TAR) also distilled at 3x, 95 % paired-bootstrap intervals over the 360 test
+# images, and the teacher's margin over the baselines on val (held out: training is on train; the only
+# split any setting may be chosen on). Resumable and run-by-run cached like bench-bccd.
+# Sizing, from cost alone before any NEU-DET result (2026-12-02, this 2-core machine, quiet, one torch
+# thread per run as with --jobs 2; python -m distill_d2.speed --random-teacher, batch 4, 10 steps):
+#   200 px (native): R18 Faster R-CNN step 0.91 s (TBD 1.39x), R18 RetinaNet 0.47 s (Hinton 1.61x);
+#   160 px:          R18 Faster R-CNN step 0.62 s (TBD 1.32x), R18 RetinaNet 0.27 s (Hinton 1.51x);
+#   step-cost ratios of the six methods at 200 px: Faster R-CNN 1.21-1.41 (sum 8.0), RetinaNet 1.41-1.58 (sum 8.9).
+# Per seed, in 1x baseline-student schedules at 160 px (the ratios there ~0.95x those at 200 px): baseline 1
+# + same-compute 1.3-1.5 + 3x 3 + six methods 7.6-8.4 + two 3x methods 8.0-8.7 = ~21 (Faster R-CNN) and ~23
+# (RetinaNet); x 3 seeds = 63 + 68 schedules, two runs at a time. At 160 px and 300 iterations (one epoch of
+# train): (63 x 300 x 0.62 + 68 x 300 x 0.27) / 2 = 2.4 h, plus the 66 student runs' start-ups and test
+# evaluations (~40 s / ~28 s each, measured at 200 px, 2 at a time: 0.3 h), the two teachers (1,500
+# iterations alone, two threads: 0.65 / 0.31 s measured at 160 px: 0.4 h), the step-cost measurements, val
+# evaluations and bootstrap reports (~0.35 h): about 3.5 h, ~3.9 h with two runs contending for memory. At 200 px
+# the same schedule is ~5 h, so: 160 px (boxes: median 54 px, 5th percentile 21 px, inside the 16-256 px
+# anchors), students 300 iterations (3x: 900), teacher 1,500 (5 epochs, 1.7x the 3x baseline's, so that it
+# can beat the 3x baseline on val; if it does not by >= 3 AP, raise NEU_TEACHER_ITERS, judging on val only).
+NEU ?= ../shared/data/NEU-DET
+NEU_METHODS ?= $(METHODS)
+NEU_LONG_FRCNN ?= TBD DeFeat
+NEU_LONG_RETINANET ?= Hinton TAR
+NEU_SIZE ?= 160
+NEU_STUDENT_ITERS ?= 300
+NEU_TEACHER_ITERS ?= 1500
+NEU_JOBS ?= 2
+NEU_OPTS = INPUT.MIN_SIZE_TRAIN "($(NEU_SIZE),)" INPUT.MAX_SIZE_TRAIN $(NEU_SIZE) INPUT.MIN_SIZE_TEST $(NEU_SIZE) \
+	INPUT.MAX_SIZE_TEST $(NEU_SIZE) SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.01
+NEU_ARGS = --data $(NEU) --data-name neu --train-split train --eval-split test --heldout-split val \
+	--baselines iter compute long --methods $(NEU_METHODS) --seeds $(SEEDS) --jobs $(NEU_JOBS) \
+	--teacher-iters $(NEU_TEACHER_ITERS) --student-iters $(NEU_STUDENT_ITERS) --reuse-runs --out output/neu
+bench-neu: setup
+	$(PY) -m distill_d2.demo --suite frcnn $(NEU_ARGS) --long-methods $(NEU_LONG_FRCNN) --opts $(NEU_OPTS)
+	$(PY) -m distill_d2.demo --suite retinanet $(NEU_ARGS) --long-methods $(NEU_LONG_RETINANET) --opts $(NEU_OPTS)
+
+# GPU check (distill_d2/gpu_check.py, about 6 minutes on one H100/H200): every synthetic preset 20 iterations
+# on CUDA under SOLVER.AMP, step-cost ratios on CUDA, peak GPU memory, into GPU_OUT. Only where a GPU is lent;
+# elsewhere it says so and does nothing. No `setup` here: the device machine has no network (wheels from
+# .ci/gpu_wheels.sh, installed there by .ci/gpu_install.sh; its python3 holds torch).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_OUT ?= output/gpu_check
+gpu-check:
+	$(GPU_PY) -m distill_d2.gpu_check --out $(GPU_OUT)

@@ -1,7 +1,10 @@
 """The demo's building blocks: a cached train_net run, timing, the results table."""
 import json
+import math
 import os
 import re
+
+import pytest
 
 from conftest import SYN, TINY_OPTS
 from distill_d2.demo import (draw_predictions, finished_with_config, fmt_seed_gains, fmt_table, plot_results,
@@ -101,8 +104,6 @@ def test_interrupted_run_is_resumed_from_its_checkpoint(tmp_path, datasets_dir):
 
 
 def test_benchmark_on_a_voc_folder_by_stage(tmp_path, datasets_dir):
-    import pytest
-
     from distill_d2.demo import main
     from test_own_data import _image
 
@@ -120,21 +121,36 @@ def test_benchmark_on_a_voc_folder_by_stage(tmp_path, datasets_dir):
             "INPUT.MAX_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_ITER", "2",
             "SOLVER.STEPS", "()"]
+    # the whole protocol (the default on a VOC folder): same-iteration, same-compute and 3x baselines, and
+    # Hinton also at 3x; the step-cost ratio given (3: the same-compute baseline is the 3x one, trained once)
     common = ["--out", str(out), "--data", str(voc), "--data-name", "tinyvoc", "--methods", "Hinton", "--seeds", "0",
-              "--opts"] + opts
+              "--long-methods", "Hinton", "--compute-ratio", "3", "--bootstrap", "50", "--opts"] + opts
     main(["--stage", "teacher"] + common)
     assert (out / "teacher_frcnn" / "model_final.pth").is_file() and not (out / "frcnn_baseline_seed0").exists()
-    with pytest.raises(SystemExit, match="--stage report: baseline seed 0 has no finished run"):
-        main(["--stage", "report"] + common)
+    with pytest.raises(SystemExit, match="--stage report: Hinton 6 it seed 0 has no finished run"):
+        main(["--stage", "report"] + common)  # (the longest run is checked, and trained, first)
     main(common)
+    assert sorted(p.name for p in out.glob("frcnn_*")) == ["frcnn_Hinton_6it_seed0", "frcnn_Hinton_seed0",
+                                                           "frcnn_baseline_6it_seed0", "frcnn_baseline_seed0"]
+    assert "MAX_ITER: 6" in (out / "frcnn_baseline_6it_seed0" / "config.yaml").read_text()
     table = (out / "results_frcnn.md").read_text()
     assert "| Hinton faster_rcnn_R18 |" in table and "tinyvoc_val" in table
-    assert (out / "predictions_frcnn.png").stat().st_size > 0
+    for row in ("baseline faster_rcnn_R18 same-compute (6 it)", "baseline faster_rcnn_R18 3x (6 it)",
+                "Hinton faster_rcnn_R18 3x (6 it)"):
+        assert f"| {row} | 1 |" in table, row
+    assert "same-compute baseline: 2 x 3 (the step-cost ratio given with --compute-ratio) = 6 iterations" in table
+    # gains over the three baselines with 95 % intervals (detections of each run's COCO evaluation), verdicts
+    assert re.search(r"\| Hinton \| [+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] \|", table), table
+    assert "- Baseline 1x -> 3x: AP change" in table and "- Hinton: gain" in table
+    gains = json.loads((out / "gains_frcnn.json").read_text())
+    assert gains["n_resamples"] == 50 and set(gains["gains"]["Hinton"]) == {"1x", "compute", "long", "long run"}
+    wall = json.loads((out / "frcnn_baseline_6it_seed0" / "wall_time.json").read_text())
+    assert wall["seconds"] > 0 and wall["segments"][0]["finished"]
+    for png in ("predictions_frcnn.png", "gains_frcnn.png"):
+        assert (out / png).stat().st_size > 0
 
 
 def test_benchmark_on_coco_jsons(tmp_path, datasets_dir):
-    import pytest
-
     from distill_d2.demo import main
     from test_own_data import coco_json
 
@@ -146,7 +162,8 @@ def test_benchmark_on_coco_jsons(tmp_path, datasets_dir):
             "INPUT.MAX_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_ITER", "2",
             "SOLVER.STEPS", "()"]
-    common = ["--out", str(out), "--data-name", "tinycoco", "--methods", "--seeds", "0", "--opts"] + opts
+    common = ["--out", str(out), "--data-name", "tinycoco", "--methods", "--seeds", "0", "--baselines", "iter",
+              "--opts"] + opts
     main(["--coco-train", tr, str(tmp_path / "img"), "--coco-eval", ev, str(tmp_path / "img")] + common)
     cfg = (out / "frcnn_baseline_seed0" / "config.yaml").read_text()
     assert "tinycoco_train" in cfg and "NUM_CLASSES: 2" in cfg
@@ -196,3 +213,136 @@ def test_draw_predictions_on_images_of_mixed_sizes(tmp_path, make_ckpt):
                      n_images=3, score_thresh=0.0, opts=TINY_OPTS + ["DATASETS.TEST", f"('{name}',)"])
     # tiles: 192x256, 256x192, 120x80 (x2, at most 512 px) -> cells of 256 x 256, 3 rows x 2 columns
     assert cv2.imread(out).shape == (3 * 256, 2 * 256, 3)
+
+
+# ------------------------------------------------ the benchmark protocol: baselines, costs, intervals, report
+
+def test_methods_map_to_presets_by_file_name():
+    from distill_d2.demo import preset_path, suite_presets
+
+    fr, rn = suite_presets("frcnn"), suite_presets("retinanet")
+    assert fr["tar"] == "tar_R34_to_R18.yaml" and rn["tar"] == "tar_retinanet_R34_to_R18.yaml"
+    # naive: every R34 -> R18 preset file belongs to exactly one suite (the cross-family ones to none)
+    named = {f for f in os.listdir(SYN) if f.endswith("_R34_to_R18.yaml")}
+    assert set(fr.values()) | set(rn.values()) == named and not set(fr.values()) & set(rn.values())
+    assert preset_path("frcnn", "DeFeat") == os.path.join(SYN, "defeat_R34_to_R18.yaml")
+    with pytest.raises(SystemExit, match=r"no preset for method 'Nope' in suite retinanet .*available: .*tar"):
+        preset_path("retinanet", "Nope")
+
+
+def test_scaled_schedule_keeps_the_lr_steps_at_the_same_fractions():
+    from distill_d2.demo import scaled_schedule
+
+    assert scaled_schedule(300, (225, 276), 900) == ["SOLVER.MAX_ITER", 900, "SOLVER.STEPS", "(675, 828)"]
+    assert scaled_schedule(600, (450,), 1000)[3] == "(750,)" and scaled_schedule(2, (), 6)[3] == "()"
+
+
+def test_wall_time_sums_resumed_segments(tmp_path):
+    from distill_d2.demo import record_wall_time, wall_seconds
+
+    d = str(tmp_path)
+    record_wall_time(d, 100.0, 160.0, "1", False, resumed=False)  # interrupted
+    record_wall_time(d, 200.0, 230.5, "1", True, resumed=True)
+    assert wall_seconds(d) == 90.5
+    record_wall_time(d, 300.0, 310.0, None, True, resumed=False)  # retrained from scratch
+    assert wall_seconds(d) == 10.0
+    (tmp_path / "old").mkdir()  # a run from before wall_time.json: detectron2's logged training time
+    (tmp_path / "old" / "log.txt").write_text("[12/01 10:00:00] d2 INFO: Total training time: 0:02:40 (0:00:09 on hooks)\n")
+    assert wall_seconds(str(tmp_path / "old")) == 160.0
+    assert math.isnan(wall_seconds(str(tmp_path / "none")))
+
+
+def test_step_costs_measured_side_by_side_then_cached(tmp_path, datasets_dir):
+    from distill_d2.demo import parse_speed_table, step_costs
+
+    cache = str(tmp_path / "step_costs_frcnn.json")
+    student, hinton = os.path.join(SYN, "faster_rcnn_R18_student.yaml"), os.path.join(SYN, "hinton_R34_to_R18.yaml")
+    costs = step_costs(cache, student, {"Hinton": hinton}, TINY_OPTS, threads=1, iters=2, warmup=1)
+    c = costs["Hinton"]
+    assert c["config"] == "hinton_R34_to_R18.yaml" and c["ratio"] == pytest.approx(c["s_iter"] / c["baseline_s_iter"])
+    saved = json.loads(open(cache).read())
+    assert saved["threads"] == 1 and saved["student"] == "faster_rcnn_R18_student.yaml"
+    assert parse_speed_table(saved["tables"][0]) == {"faster_rcnn_R18_student.yaml": c["baseline_s_iter"],
+                                                     "hinton_R34_to_R18.yaml": c["s_iter"]}
+    # cached: the same answer, nothing measured (measure=False stops when it would have to measure)
+    assert step_costs(cache, student, {"Hinton": hinton}, TINY_OPTS, threads=1, measure=False) == costs
+    with pytest.raises(SystemExit, match=r"step costs of \['Hinton'\] are not in .*2 thread\(s\)"):
+        step_costs(cache, student, {"Hinton": hinton}, TINY_OPTS, threads=2, measure=False)
+    with pytest.raises(RuntimeError, match="could not read distill_d2.speed's table"):
+        parse_speed_table("no table here")
+
+
+def _ap_missing(k, n=40):
+    """By hand: COCO AP (%) of n one-box images found exactly (one class), k of them missed: precision 1
+    up to recall (n - k) / n, then nothing, so the recall thresholds 0, 0.01, ... up to it count."""
+    return 100 * (int(100 * (n - k) / n + 1e-9) + 1) / 101
+
+
+def _fake_run(run_dir, dataset, missed, n=40):
+    """A run folder with the files the report reads: COCO detections of ``dataset`` as detectron2's
+    COCOEvaluator writes them (n one-box images; every box found exactly except on ``missed``)."""
+    gt = {"images": [{"id": i, "width": 200, "height": 200} for i in range(n)],
+          "categories": [{"id": 1, "name": "defect"}],
+          "annotations": [{"id": i + 1, "image_id": i, "category_id": 1, "bbox": [20, 30, 60, 50], "area": 3000,
+                           "iscrowd": 0} for i in range(n)]}
+    dets = [{"image_id": i, "category_id": 1, "bbox": [20, 30, 60, 50], "score": 0.9} for i in range(n) if i not in missed]
+    d = run_dir / "inference" / dataset
+    d.mkdir(parents=True)
+    (d / f"{dataset}_coco_format.json").write_text(json.dumps(gt))
+    (d / "coco_instances_results.json").write_text(json.dumps(dets))
+    return dict(AP=_ap_missing(len(missed), n), AP50=0.0, AP75=0.0, APs=0.0, APm=0.0, APl=0.0, s_iter=1.0, wall_s=60.0)
+
+
+def test_report_gains_over_three_baselines_with_intervals_and_verdicts(tmp_path):
+    """Fake finished runs, 2 seeds, 40 test images with known APs: gains, 95 % intervals (excluding 0 for a
+    real gain, including it for a method as good as the baseline), plateau and 'gain holds' lines, held-out
+    teacher margin, wall times, charts."""
+    from distill_d2.demo import write_report
+
+    ds, seeds = "fake_test", [0, 1]
+
+    def row(name, kind, method, schedule, iters, misses):  # misses: the missed image ids per seed
+        dirs = [tmp_path / f"{name.replace(' ', '_')}_seed{s}" for s in seeds[:len(misses)]]
+        runs = [_fake_run(d, ds, m) for d, m in zip(dirs, misses)]
+        return {"name": name, "kind": kind, "method": method, "schedule": schedule, "iters": iters,
+                "dirs": [str(d) for d in dirs], "runs": runs}
+
+    rows = [row("teacher R34", "teacher", None, "teacher", 900, [()]),
+            row("baseline R18", "baseline", None, "1x", 300, [range(20), range(20, 40)]),
+            row("baseline R18 same-compute (420 it)", "baseline", None, "compute", 420, [range(16), range(24, 40)]),
+            row("baseline R18 3x (900 it)", "baseline", None, "long", 900, [range(16), range(24, 40)]),
+            row("TAR R18", "method", "TAR", "1x", 300, [range(8), range(32, 40)]),
+            row("HGD R18", "method", "HGD", "1x", 300, [range(10, 30), range(5, 25)]),
+            row("TAR R18 3x (900 it)", "method", "TAR", "long", 900, [range(4), range(36, 40)]),
+            row("HGD R18 3x (900 it)", "method", "HGD", "long", 900, [range(10, 26), range(12, 28)])]
+    held = tmp_path / "held"
+    t_eval, b_eval = held / "teacher", [held / "b0", held / "b1"]
+    heldout = ("fake_val", {"teacher R34": [(_fake_run(t_eval, "fake_val", ()), str(t_eval))],
+                            "baseline R18 3x (900 it)": [(_fake_run(d, "fake_val", range(16)), str(d)) for d in b_eval]})
+    text = write_report(str(tmp_path), "frcnn", rows, seeds, ds, "fake", "the note", n_resamples=200, heldout=heldout)
+
+    g = json.loads((tmp_path / "gains_frcnn.json").read_text())
+    tar, hgd = g["gains"]["TAR"], g["gains"]["HGD"]
+    assert tar["1x"]["gain"] == pytest.approx(_ap_missing(8) - _ap_missing(20))  # +29.7
+    assert tar["compute"]["gain"] == pytest.approx(_ap_missing(8) - _ap_missing(16))
+    assert tar["long run"]["gain"] == pytest.approx(_ap_missing(4) - _ap_missing(16))
+    assert 0 < tar["1x"]["lo"] < tar["1x"]["gain"] < tar["1x"]["hi"]
+    assert hgd["1x"]["gain"] == pytest.approx(0) and hgd["1x"]["lo"] < 0 < hgd["1x"]["hi"]
+    assert g["n_images"] == 40 and g["n_resamples"] == 200
+    assert f"| TAR | {tar['1x']['gain']:+.1f} [{tar['1x']['lo']:+.1f}, {tar['1x']['hi']:+.1f}] |" in text
+    base_change = _ap_missing(16) - _ap_missing(20)  # +9.9: the baseline still improves at 3x
+    assert f"- Baseline 1x -> 3x: AP change {base_change:+.1f} [" in text and "it has not plateaued" in text
+    assert re.search(r"- TAR: gain \+29\.7 \[.*\] at 1x .*, \+29\.7 \[.*\] at 3x over the 3x baseline: the gain holds "
+                     r"\(95 % interval above 0\)", text), text
+    assert "- HGD: gain +0.0 [" in text and "the gain is not shown (95 % interval includes 0)" in text
+    margin = 100 - _ap_missing(16)
+    assert f"- teacher 100.0 AP vs baseline R18 3x (900 it) {_ap_missing(16):.1f} ± 0.0: margin {margin:+.1f} [" in text
+    assert "(>= 3 AP)" in text
+    assert "| TAR R18 | 1.0 | 1.0 | 2.0 |" in text and "| teacher R34 | 1.0 |  | 1.0 |" in text  # wall minutes
+    for png in ("gains_frcnn.png", "results_frcnn.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "results_frcnn.md").read_text() == text + "\n"
+    # the per-run bootstrap APs are cached next to the detections; a second report reads them
+    assert (tmp_path / "TAR_R18_seed0" / "inference" / ds / "bootstrap.json").is_file()
+    assert write_report(str(tmp_path), "frcnn", rows, seeds, ds, "fake", "the note", n_resamples=200,
+                        heldout=heldout) == text
