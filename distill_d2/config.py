@@ -339,6 +339,46 @@ def add_distill_config(cfg):
     # lambda = 0 from this iteration on (-1: never).
     _C.DECAY.STOP_ITER = -1
 
+    # ------------------------------------------------- automatic loss balancing
+    # distill_d2/balance.py, ../shared/METHODS_NEWER.md section 7.2 ("calibrate, then freeze"): over a
+    # calibration window after the LR warm-up, measure each term's gradient norm on the student's FPN
+    # output convs against the detection losses' (all-reduced over processes), give each term the factor
+    # that makes it TARGET / (number of terms) of the detection gradient, clamp, freeze. The factor
+    # multiplies the term's losses (its config weights stay in them), lambda(iter) the product. Logged
+    # (kd/balance/<term>, a table at calibration), saved in checkpoints (resume does not recalibrate).
+    _C.BALANCE = CN()
+    # Off by default: the presets' weights are what their results were measured with.
+    _C.BALANCE.ENABLED = False
+    # "grad" (gradient norms on PARAMS; sum- and mean-reduced losses compare fairly) or "loss" (loss
+    # values; cheaper, but a sum over pixels and a mean differ by their element count).
+    _C.BALANCE.MODE = "grad"
+    # What gets one factor: "term" (each DISTILL.TERMS entry, its parts keep their configured ratios)
+    # or "loss" (each loss_kd_* key, e.g. each of FGD's four parts) [choice: term].
+    _C.BALANCE.UNIT = "term"
+    # First iteration of the window; -1 = SOLVER.WARMUP_ITERS (at iteration 0 the detection loss is
+    # at its peak and the heads are random).
+    _C.BALANCE.START = -1
+    # Window length and measuring period (iterations): WINDOW / EVERY samples, their medians are used.
+    _C.BALANCE.WINDOW = 100
+    _C.BALANCE.EVERY = 10
+    # Total distillation / detection gradient (or loss) after balancing, split evenly over the units.
+    _C.BALANCE.TARGET = 1.0
+    # Clamp of a factor (relative to the configured weight).
+    _C.BALANCE.MIN_FACTOR = 1e-3
+    _C.BALANCE.MAX_FACTOR = 1e3
+    # A unit measuring below FLOOR x the detection keeps factor 1 (and is warned about): it is ~0 (an
+    # inherited student, empty masks) or does not reach PARAMS; scaling it up would amplify noise.
+    _C.BALANCE.FLOOR = 1e-3
+    # Name prefixes of the student parameters measured on; [] = the FPN output convs
+    # (backbone.fpn_output*, backbone.top_block.*), which every term and detection loss reaches.
+    _C.BALANCE.PARAMS = []
+    # Bounded drift correction [off]: every PERIOD iterations (0 = never) re-measure over SAMPLES
+    # iterations; a unit outside [1/2, 2] x its target gets x clip(sqrt(target / ratio), 1/2, 2).
+    # Never after the last SOLVER.STEPS entry nor once lambda is 0.
+    _C.BALANCE.DRIFT = CN()
+    _C.BALANCE.DRIFT.PERIOD = 0
+    _C.BALANCE.DRIFT.SAMPLES = 5
+
     # Keys of the pre-registry layout: each switch became a term in DISTILL.TERMS.
     for old, term in (("FEAT.ENABLED", "FeatureKD or DecoupledFeatureKD"), ("CLS.ENABLED", "RoIClsKD or DenseClsKD"),
                       ("BOX.ENABLED", "RoIBoxKD or DenseBoxKD"), ("PROPOSALS", "ReverseRoIClsKD"),

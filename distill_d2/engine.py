@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 
+from .balance import BalanceState
 from .checkpoint import DistillCheckpointer, ModelMeta
 from .cli import plain_config_dump, plain_console_logs, use_color
 from .config import is_distiller_arch, num_classes, num_classes_key, schedule_warnings, setup_cfg
@@ -23,7 +24,7 @@ from .data.resumable import TrainingState, build_resumable_train_loader
 from .data.voc import VOCEvaluator, load_problems
 from .errors import DistillConfigError, TeacherError
 from .export import StudentCheckpointer, student_cfg_from
-from .hooks import KDWeightScheduler, LossGuard, TeacherEvalHook, unwrap
+from .hooks import KDBalancer, KDWeightScheduler, LossGuard, TeacherEvalHook, unwrap
 from .teacher import TeacherFingerprint, get_teacher_cfg
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class Trainer(DefaultTrainer):
         if getattr(model, "is_distiller", False):
             self.checkpointer.add_checkpointable("distill_teacher", TeacherFingerprint(
                 model.teacher_cfg, cfg.DISTILL.TEACHER.ALLOW_CHANGE_ON_RESUME))
+            if cfg.DISTILL.BALANCE.ENABLED:  # the calibrated factors (made in build_hooks): resume does not recalibrate
+                self.checkpointer.add_checkpointable("distill_balance", self.balance_state)
 
     @classmethod
     def build_model(cls, cfg):
@@ -180,8 +183,11 @@ class Trainer(DefaultTrainer):
         if getattr(model, "is_distiller", False):
             # first: lambda must be set before the step's forward
             ret.insert(0, KDWeightScheduler(self.cfg.DISTILL.DECAY, self.cfg.SOLVER.MAX_ITER))
+            if self.cfg.DISTILL.BALANCE.ENABLED:
+                self.balance_state = BalanceState(model)  # (build_hooks runs inside DefaultTrainer.__init__)
+                ret.insert(1, KDBalancer(self.cfg, self.balance_state))
             if self.cfg.DISTILL.TEACHER.EVAL_BEFORE_TRAIN:
-                ret.insert(1, TeacherEvalHook())
+                ret.insert(1, TeacherEvalHook())  # (before the balancer: a hook of before_train only)
         keep = self.cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP
         for h in ret:
             if isinstance(h, hooks.PeriodicCheckpointer) and keep > 0:

@@ -10,6 +10,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from .balance import balance_table, calibration_window, choose_factors, drift_correction
 from .config import default_distill_node, flat_items, is_distiller_arch
 from .errors import DistillConfigError
 from .schedule import kd_weight
@@ -47,6 +48,85 @@ class KDWeightScheduler(HookBase):
             h = storage.histories()
             extra = "  ".join(f"{k}: {h[k].median(self._period):.4g}" for k in sorted(h) if k.startswith("kd/"))
             logger.info("iter: %d  kd_weight: %.4g  %s", it, h["kd_weight"].latest(), extra)
+
+
+class KDBalancer(HookBase):
+    """``DISTILL.BALANCE`` (:mod:`distill_d2.balance`): tells the model which steps measure, collects the
+    samples, sets the frozen factors at the end of the calibration window (``model.kd_balance``), runs the
+    optional drift guard, and logs the factors as ``kd/balance/<unit>``. Its state is the trainer
+    checkpointer's ``distill_balance`` (:class:`~distill_d2.balance.BalanceState`). Put it before the
+    checkpointer, so a checkpoint holds the samples of its own step."""
+
+    def __init__(self, cfg, state):
+        self.cfg, self.b, self.state = cfg, cfg.DISTILL.BALANCE, state
+        self.start, self.end = calibration_window(cfg)
+        self.last_lr_step = max(cfg.SOLVER.STEPS, default=cfg.SOLVER.MAX_ITER)
+
+    def _drift_on(self, it):
+        """May the drift guard measure / correct at ``it``?"""
+        p = self.b.DRIFT.PERIOD
+        return (p > 0 and it >= self.end and it < self.last_lr_step
+                and kd_weight(it, self.cfg.SOLVER.MAX_ITER, self.cfg.DISTILL.DECAY) > 0)
+
+    def _measures(self, it):
+        if not self.state.calibrated:
+            return self.start <= it < self.end and (it - self.start) % self.b.EVERY == 0
+        p = self.b.DRIFT.PERIOD
+        return self._drift_on(it) and (it - self.end) % p >= p - self.b.DRIFT.SAMPLES
+
+    def before_train(self):
+        if not self.state.calibrated and self.trainer.start_iter >= self.end:
+            logger.warning("DISTILL.BALANCE: the run starts at iteration %d, after the calibration window "
+                           "[%d, %d), with no calibrated factors in the checkpoint: balancing does nothing in this "
+                           "run (the terms keep their configured weights).", self.trainer.start_iter, self.start,
+                           self.end)
+
+    def before_step(self):
+        unwrap(self.trainer.model)._balance_mode = self.b.MODE if self._measures(self.trainer.iter) else None
+
+    def after_step(self):
+        model, it = unwrap(self.trainer.model), self.trainer.iter
+        sample, model._balance_sample, model._balance_mode = model._balance_sample, None, None
+        if sample is not None:
+            (self.state.drift_samples if self.state.calibrated else self.state.samples).append(sample)
+        if not self.state.calibrated and it == self.end - 1 and self.state.samples:
+            self._calibrate(model, it)
+        elif self.state.calibrated and self.b.DRIFT.PERIOD > 0 and (it - self.end) % self.b.DRIFT.PERIOD == \
+                self.b.DRIFT.PERIOD - 1 and it >= self.end:
+            samples, self.state.drift_samples = self.state.drift_samples, []
+            if samples and self._drift_on(it):
+                self._drift(model, it, samples)
+        for k, f in model.kd_balance.items():
+            self.trainer.storage.put_scalar(f"kd/balance/{k}", f, smoothing_hint=False)
+
+    def _calibrate(self, model, it):
+        units = [k for k in self.state.samples[0] if k != "det"]
+        chosen = choose_factors(self.state.samples, units, self.b.TARGET, self.b.MIN_FACTOR, self.b.MAX_FACTOR,
+                                self.b.FLOOR)
+        model.kd_balance.update({k: c["factor"] for k, c in chosen.items()})
+        self.state.calibrated, self.state.chosen = True, chosen
+        if comm.is_main_process():
+            logger.info("DISTILL.BALANCE (%s mode, %d samples over iterations [%d, %d), target %g x the detection "
+                        "in total) calibrated at iteration %d; factors frozen from now on (pin them with the "
+                        "terms' weight keys x factor):\n%s", self.b.MODE, len(self.state.samples), self.start,
+                        self.end, self.b.TARGET, it, balance_table(chosen, self.b.MODE))
+            for k, c in chosen.items():
+                if c["note"]:
+                    logger.warning("DISTILL.BALANCE: %s %s", k, c["note"])
+
+    def _drift(self, model, it, samples):
+        units = [k for k in samples[0] if k != "det"]
+        det = statistics.median(s["det"] for s in samples)
+        target = self.b.TARGET / max(1, len(units))
+        for k in units:
+            f = model.kd_balance.get(k, 1.0)
+            ratio = f * statistics.median(s[k] for s in samples) / det  # (the factor is not in the measure)
+            c = drift_correction(ratio, target)
+            if c != 1.0:
+                model.kd_balance[k] = f * c
+                if comm.is_main_process():
+                    logger.info("DISTILL.BALANCE drift guard at iteration %d: %s measured %.3g x the detection "
+                                "(target %.3g); factor %.4g -> %.4g", it, k, ratio, target, f, f * c)
 
 
 def is_det_loss(name):
@@ -290,7 +370,11 @@ class LossGuard(HookBase):
             losses = {k: v for k, v in latest.items() if k.startswith("loss_")}
             if losses:
                 # dense detectors' EMA (each process has its own; the main one's stands for all)
-                norm = getattr(unwrap(self.trainer.model), "loss_normalizer", None)
+                model = unwrap(self.trainer.model)
+                norm = getattr(model, "loss_normalizer", None)
+                if getattr(model, "kd_balance", None):  # judged at the configured weights, as lambda is divided out
+                    losses = {k: v / model.balance_factor(k) if k.startswith("loss_kd_") else v
+                              for k, v in losses.items()}
                 trips = self.guard.update(it, losses, latest.get("kd_weight", 1.0), norm)
                 trip = next((t for t in trips if self._actions[t.action_key] == "error"), trips[0] if trips else None)
         if self._sync and comm.get_world_size() > 1:

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 FAMILY_NAMES = {"rcnn": "Faster R-CNN (DistillGeneralizedRCNN)", "dense": "RetinaNet (DistillRetinaNet)"}
 #: DISTILL keys every distiller reads itself (not owned by a term).
-COMMON_KEYS = ("TEACHER.*", "DECAY.*", "GUARD.*", "TERMS", "UNUSED_KEYS")
+COMMON_KEYS = ("TEACHER.*", "DECAY.*", "GUARD.*", "BALANCE.*", "TERMS", "UNUSED_KEYS")
 #: DISTILL keys that must be finite and >= 0 besides every key whose name ends with WEIGHT or WEIGHTS
 #: (loss weights, checked for every term): the decay's end value and step factor. A term declares
 #: more in its ``nonnegative`` attribute (fnmatch patterns).

@@ -30,6 +30,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch import DenseDetector, GeneralizedRCNN
 
+from ..balance import check_balance_cfg, measure, reference_params
 from ..errors import TeacherError
 from ..record import CrossPass, ModelPair, StepRecord, Tap
 from ..schedule import kd_weight
@@ -108,6 +109,13 @@ class DistillerMixin:
         self.distill_cfg = cfg.DISTILL
         self.kd_weight = 1.0
         kd_weight(0, 1, cfg.DISTILL.DECAY)  # unknown DISTILL.DECAY.TYPE fails now
+        check_balance_cfg(cfg)
+        #: DISTILL.BALANCE factors, {term name (UNIT term) or loss_kd_* key (UNIT loss): float}; 1.0 if absent
+        self.kd_balance = {}
+        self._balance_unit = cfg.DISTILL.BALANCE.UNIT
+        self._balance_mode = None  # set by hooks.KDBalancer for a step that measures ("grad" / "loss")
+        self._balance_sample = None  # that step's balance.measure result
+        self._key_term = {}  # loss_kd_* key -> the term that returned it
         self.teacher_cfg = get_teacher_cfg(cfg)
         self._student_cfg = cfg
         object.__setattr__(self, "_teacher", None)  # not a registered submodule, on purpose
@@ -133,6 +141,9 @@ class DistillerMixin:
         if head_terms:  # the head outputs, or a teacher pass through the heads
             self._check_head_terms_supported(head_terms)
         self._register_load_state_dict_pre_hook(self._upgrade_legacy_keys)
+        self._balance_params = None
+        if cfg.DISTILL.BALANCE.ENABLED:  # (a wrong PARAMS fails now, not after the warm-up)
+            self._balance_params = reference_params(self, cfg.DISTILL.BALANCE.PARAMS)
 
     def _check_head_terms_supported(self, names):
         """Abort if the student's heads cannot be recorded for head terms ``names`` (override)."""
@@ -209,8 +220,34 @@ class DistillerMixin:
         losses, rec = self._training_step(batched_inputs)
         with torch.autocast(self.device.type, enabled=False):  # KD losses in float32 (SOLVER.AMP)
             kd, scalars = self._run_terms(rec.float32() if amp else rec, losses)
+            if self._balance_mode:  # a calibration step of DISTILL.BALANCE (unscaled losses, float32)
+                self._balance_sample = measure(self, losses, self.balance_units(kd), self._balance_mode,
+                                               self._balance_params)
         losses.update(self.weigh_kd(kd, scalars))
         return losses
+
+    def training_losses(self, batched_inputs):
+        """(detection losses {loss_*}, {balance unit: its summed loss_kd_* values, config weights applied,
+        without lambda or balance factors}, scalars) of a training step: ``forward``'s code path, for
+        ``python -m distill_d2.preflight``. A unit is a term (``DISTILL.BALANCE.UNIT term``) or a loss key."""
+        losses, rec = self._training_step(batched_inputs)
+        kd, scalars = self._run_terms(rec, losses)
+        return losses, self.balance_units(kd), scalars
+
+    def balance_units(self, kd_losses):
+        """``kd_losses`` ({loss_kd_*: tensor}) grouped as DISTILL.BALANCE balances them: {term: sum of its
+        losses} (UNIT term) or unchanged (UNIT loss)."""
+        if self._balance_unit == "loss":
+            return dict(kd_losses)
+        out = {}
+        for k, v in kd_losses.items():
+            t = self._key_term[k]
+            out[t] = out[t] + v if t in out else v
+        return out
+
+    def balance_factor(self, key):
+        """The DISTILL.BALANCE factor of loss ``key`` (1.0 before calibration or when balancing is off)."""
+        return self.kd_balance.get(key if self._balance_unit == "loss" else self._key_term.get(key), 1.0)
 
     def record_step(self, batched_inputs):
         """The :class:`StepRecord` of a training step on ``batched_inputs`` (the same code path as
@@ -257,6 +294,7 @@ class DistillerMixin:
                                  f"not repeat another term's or a detection loss ({sorted(clash)}).")
             kd.update(t_losses)
             scalars.update(t_scalars)
+            self._key_term.update(dict.fromkeys(t_losses, name))
         return kd, scalars
 
     def _record_teacher(self, batched_inputs, raw, teacher, taps):
@@ -294,11 +332,12 @@ class DistillerMixin:
         self._teacher_checked = True
 
     def weigh_kd(self, kd_losses, scalars):
-        """Scale ``loss_kd_*`` terms by lambda; keep ``scalars`` (tensors) for :meth:`log_kd_scalars`."""
+        """Scale ``loss_kd_*`` terms by lambda x their DISTILL.BALANCE factor; keep ``scalars`` (tensors)
+        for :meth:`log_kd_scalars`."""
         lam = self.kd_weight
         if scalars:
             self._pending_scalars.append({k: v.detach() if torch.is_tensor(v) else v for k, v in scalars.items()})
-        return {k: v * lam for k, v in kd_losses.items()}
+        return {k: v * (lam * self.balance_factor(k)) for k, v in kd_losses.items()}
 
     def log_kd_scalars(self, storage):
         """Write the scalars of the steps since the last call to ``storage`` (the only host sync for them;
