@@ -19,9 +19,27 @@ T_METHODS, T_LOSSES, T_MASKS, T_DEFEAT = "tests/test_methods.py", "tests/test_lo
 T_TERMS, T_REG, T_HOOKS = "tests/test_terms.py", "tests/test_regression.py", "tests/test_hooks.py"
 T_HGD, T_TBD, T_GUARD = "tests/test_hgd.py", "tests/test_tbd.py", "tests/test_guard.py"
 T_RECORD, T_CROSSKD = "tests/test_record.py", "tests/test_crosskd.py"
+T_BALANCE = "tests/test_balance.py"
 
 # name, file, old snippet, new snippet, tests to run
 PLANTS = [
+    # ---- issue 20: DISTILL.BALANCE
+    ("balance: target not split over the terms", "distill_d2/balance.py",
+     "    r = target / max(1, len(terms))", "    r = target", [T_BALANCE]),
+    ("balance: mean instead of median of the samples", "distill_d2/balance.py",
+     "    det = statistics.median(s[\"det\"] for s in samples)", "    det = statistics.mean(s[\"det\"] for s in samples)",
+     [T_BALANCE]),
+    ("balance: per-process gradients summed, not averaged", "distill_d2/balance.py",
+     "        x /= comm.get_world_size()", "        pass", [T_BALANCE]),
+    ("balance: a term below the floor amplified", "distill_d2/balance.py",
+     "        if v < floor * det:", "        if False:", [T_BALANCE]),
+    ("balance: factor not applied to the losses", "distill_d2/modeling/distiller.py",
+     "v * (lam * self.balance_factor(k))", "v * lam", [T_BALANCE]),
+    ("balance: factors not restored on resume", "distill_d2/balance.py",
+     "        self.model.kd_balance.update(state[\"factors\"])", "        pass", [T_BALANCE]),
+    ("balance: gradient norm on the wrong parameters (all of the backbone)", "distill_d2/balance.py",
+     "    prefixes = tuple(prefixes) or (\"backbone.fpn_output\", \"backbone.top_block.\")",
+     "    prefixes = tuple(prefixes) or (\"backbone.\",)", [T_BALANCE]),
     # ---- issue 17: the record's declared entries, taps, cross passes, renamed keys
     ("cross pass: run under no_grad (no gradient to the student)", "distill_d2/modeling/heads.py",
      "    with torch.enable_grad():\n        for layer in layers[start:]:",
