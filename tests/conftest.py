@@ -1,4 +1,5 @@
-"""Shared fixtures: a private dataset cache, tiny CPU configs, a teacher checkpoint."""
+"""Shared fixtures: a private dataset cache, tiny CPU configs, a teacher checkpoint; in_processes
+(a function run in N gloo CPU processes)."""
 import os
 import shutil
 import tempfile
@@ -117,3 +118,90 @@ def make_ckpt(tmp_path_factory):
 def teacher_ckpt(make_ckpt):
     """A (randomly initialised) R34 Faster R-CNN teacher checkpoint of the synthetic teacher config."""
     return make_ckpt("faster_rcnn_R34_teacher.yaml")
+
+
+# ------------------------------------------------------------------ several gloo CPU processes
+def _tensor_path(x, path="result"):
+    """Where a torch.Tensor sits in nested dicts / lists / tuples ``x`` (None if nowhere)."""
+    import torch
+
+    if torch.is_tensor(x):
+        return path
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()
+    for k, v in items:
+        where = _tensor_path(v, f"{path}[{k!r}]")
+        if where:
+            return where
+    return None
+
+
+def _process_entry(rank, world, port, q, fn, args):
+    """One child of ``in_processes``: join the gloo group, run ``fn``, put (rank, ok, result or traceback)."""
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        out = fn(rank, world, *args)
+        where = _tensor_path(out)
+        if where:
+            raise TypeError(f"{fn.__name__} returned a torch.Tensor at {where}: it would travel as shared memory "
+                            f"that the exiting child frees; return .tolist() or .numpy().copy() instead")
+        q.put((rank, True, out))
+    except BaseException:  # (shows up in the test with its traceback, not as a queue timeout)
+        q.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def in_processes(fn, *args, world=2, timeout=300):
+    """[fn(rank, world, *args) for each rank], run in ``world`` spawned CPU processes with a gloo process group
+    (one torch thread each). A child's exception is re-raised here as a RuntimeError with its rank and
+    traceback text; a child that dies without a result, or no result within ``timeout`` seconds, also raises
+    (the other children are terminated). ``fn`` must be a module-level function; return numpy / python values
+    (a tensor would travel as shared memory the exiting child frees)."""
+    import queue
+    import time
+
+    import torch.multiprocessing as mp
+    from detectron2.engine.launch import _find_free_port
+
+    ctx = mp.get_context("spawn")
+    q, port = ctx.Queue(), _find_free_port()
+    procs = [ctx.Process(target=_process_entry, args=(r, world, port, q, fn, args), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got, dead_before, deadline = {}, set(), time.monotonic() + timeout
+    try:
+        while len(got) < world:
+            try:
+                rank, ok, res = q.get(timeout=1)
+            except queue.Empty:
+                missing = [r for r in range(world) if r not in got]
+                dead = {r for r in missing if procs[r].exitcode is not None}
+                if dead & dead_before:  # (exited before an empty poll: nothing of it is left in the queue)
+                    r = min(dead & dead_before)
+                    raise RuntimeError(f"{fn.__name__}: rank {r} of {world} exited with code {procs[r].exitcode} "
+                                       f"without a result (killed, out of memory, a crash in native code, or "
+                                       f"a result that cannot be pickled: see the child's stderr)")
+                dead_before = dead
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{fn.__name__}: no result from rank(s) {missing} of {world} after {timeout} s "
+                                       f"(a collective that another rank never reached?)")
+                continue
+            if not ok:
+                raise RuntimeError(f"{fn.__name__} failed in rank {rank} of {world}:\n{res}")
+            got[rank] = res
+        for p in procs:
+            p.join(60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(10)
+    return [got[r] for r in range(world)]

@@ -156,14 +156,6 @@ def test_reference_params_can_be_chosen_and_a_wrong_name_is_refused(tar_model_an
     assert not any(n.startswith("kd_terms.") for n, _ in reference_params(model, ["kd_terms.", "backbone."]))
 
 
-def _mp_worker(rank, world, port, q):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    q.put((rank, _toy_measure(rank, world)))
-    dist.destroy_process_group()
-
-
 def _toy_measure(rank, world):
     """measure() on a toy student (a parameter named like an FPN output conv) with each process's share of
     4 samples; the losses are means over the process's samples, as detectron2's are."""
@@ -182,20 +174,10 @@ def _toy_measure(rank, world):
 
 
 def test_one_and_two_processes_measure_the_same():
-    import torch.multiprocessing as mp
-
-    from detectron2.engine.launch import _find_free_port
+    from conftest import in_processes
 
     one = _toy_measure(0, 1)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _find_free_port()
-    procs = [ctx.Process(target=_mp_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
+    got = in_processes(_toy_measure)
     for r in (0, 1):
         for mode in (0, 1):
             assert got[r][mode] == pytest.approx(one[mode], rel=1e-6), (r, mode, got[r][mode], one[mode])

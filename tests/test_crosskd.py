@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.utils.events import EventStorage
 
-from conftest import tiny_cfg
+from conftest import in_processes, tiny_cfg
 from distill_d2.errors import DistillConfigError, TeacherError
 from distill_d2.methods.crosskd import (align_scale, quality_focal_kd, roi_cross_losses, weighted_giou_kd)
 from distill_d2.record import CrossPass, Tap
@@ -182,14 +182,10 @@ def test_faster_rcnn_cross_pass_reaches_the_fpn_not_the_box_head_nor_the_teacher
 
 
 # ------------------------------------------------------------------ 1 vs 2 processes
-def _worker(rank, world, port, q):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _align_own_half(rank, world):
+    """align_scale(..., "global") of this process's 2 of the 4 images, as a list."""
     s, t = _halves()
-    out = align_scale(s[2 * rank:2 * rank + 2], t[2 * rank:2 * rank + 2], "global")
-    q.put((rank, out.tolist()))  # (a tensor would travel as shared memory the exiting child frees)
-    dist.destroy_process_group()
+    return align_scale(s[2 * rank:2 * rank + 2], t[2 * rank:2 * rank + 2], "global").tolist()
 
 
 def _halves():
@@ -200,18 +196,7 @@ def _halves():
 def test_global_statistics_are_those_of_the_whole_batch_on_two_processes():
     """STATS global: 2 processes with 2 images each standardise with the 4-image moments (values equal the
     single-process ones). (The gradient flows through each process's own share of the moments only.)"""
-    import torch.multiprocessing as mp
-
-    from detectron2.engine.launch import _find_free_port
-
-    ctx = mp.get_context("spawn")
-    q, port = ctx.Queue(), _find_free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
+    got = in_processes(_align_own_half)
     s, t = _halves()
     one = align_scale(s, t, "global")
     assert torch.allclose(torch.tensor(got[0] + got[1]), one, atol=1e-5)

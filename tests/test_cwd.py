@@ -9,6 +9,7 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 
+from conftest import in_processes
 from distill_d2.errors import DistillConfigError, TeacherError
 from distill_d2.methods.cwd import ChannelWiseFeatureKD, ChannelWiseLogitKD, channel_wise_divergence
 from distill_d2.record import Tap
@@ -202,24 +203,15 @@ def run_case(case, images):
             "params": {k: p.grad.clone() for k, p in term.named_parameters()}}
 
 
-def _worker(rank, world, port, q):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        res = {c: run_case(c, [2 * rank, 2 * rank + 1]) for c in ("none", "affine_free", "logit")}
-        q.put((rank, {c: {k: ({n: g.numpy() for n, g in v.items()} if isinstance(v, dict) else v)
-                          for k, v in r.items()} for c, r in res.items()}))
-    except Exception as e:
-        q.put((rank, repr(e)))
-    dist.destroy_process_group()
+def _cases_on_own_half(rank, world):
+    """{case: run_case(case, this process's 2 images)} with numpy gradients."""
+    res = {c: run_case(c, [2 * rank, 2 * rank + 1]) for c in ("none", "affine_free", "logit")}
+    return {c: {k: ({n: g.numpy() for n, g in v.items()} if isinstance(v, dict) else v) for k, v in r.items()}
+            for c, r in res.items()}
 
 
 def test_one_and_two_processes():
-    from test_pkd import two_processes
-
-    two = two_processes(_worker)
+    two = in_processes(_cases_on_own_half)
     for case in ("none", "affine_free", "logit"):
         one = run_case(case, [0, 1, 2, 3])
         g = [two[r][case] for r in range(2)]

@@ -13,7 +13,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser
 from detectron2.structures import BoxMode
 
-from conftest import SYN, TINY_OPTS
+from conftest import SYN, TINY_OPTS, in_processes
 from distill_d2.data.checks import NamedErrors, check_dataset_dicts
 
 NUM_CLASSES = 2  # the json has 3 categories: its 3rd (id 7) maps to contiguous id 2, out of range
@@ -336,36 +336,23 @@ def test_decode_threads_agree_and_log_progress(tmp_path, monkeypatch, caplog):
     assert "Decoding images to check them (DATALOADER.CHECK.DECODE): 12 / 12" in caplog.text
 
 
-def _sharded_worker(rank, world, port, dicts, q):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _sharded_check(rank, world, dicts):
+    """The message of the ValueError the distributed check raises in this process ("no error" if none)."""
     try:
         check_dataset_dicts(dicts, NUM_CLASSES, decode=True, distributed=True, dataset_name="sharded")
-        q.put((rank, "no error"))
+        return "no error"
     except ValueError as e:
-        q.put((rank, str(e)))
-    dist.destroy_process_group()
+        return str(e)
 
 
 def test_launched_processes_share_the_decoding_and_all_report_every_problem(tmp_path):
-    import torch.multiprocessing as mp
-    from detectron2.engine.launch import _find_free_port
-
     from messy_data import make_jpegs
 
     paths = make_jpegs(str(tmp_path / "j"), 6, size=(64, 48))
     for i in (1, 2):  # one in each process's share
         open(paths[i], "wb").write(open(paths[i], "rb").read()[:200])
     dicts = [{"file_name": p, "width": 64, "height": 48, "annotations": []} for p in paths]
-    ctx = mp.get_context("spawn")
-    q, port = ctx.Queue(), _find_free_port()
-    procs = [ctx.Process(target=_sharded_worker, args=(r, 2, port, dicts, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
+    got = in_processes(_sharded_check, dicts)
     for rank in (0, 1):
         assert _problems(got[rank]) == {("00001.jpg", None, "unreadable_image"),
                                         ("00002.jpg", None, "unreadable_image")}, got[rank]

@@ -9,6 +9,7 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 
+from conftest import in_processes
 from distill_d2.errors import DistillConfigError, TeacherError
 from distill_d2.methods import fgd
 from distill_d2.methods.fgd import FocalGlobalKD, GcBlock, fgd_masks
@@ -354,36 +355,13 @@ def run_case(images):
             "params": {k: p.grad.numpy().copy() for k, p in term.named_parameters() if p.grad is not None}}
 
 
-def _worker(rank, world, port, q):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        q.put((rank, run_case([2 * rank, 2 * rank + 1])))
-    except Exception as e:  # (a failure in the child shows up in the test, not as a timeout)
-        q.put((rank, repr(e)))
-    dist.destroy_process_group()
+def _case_on_own_half(rank, world):
+    return run_case([2 * rank, 2 * rank + 1])
 
 
 def test_one_and_two_processes_give_the_same_losses_and_gradients():
-    import torch.multiprocessing as mp
-
-    from detectron2.engine.launch import _find_free_port
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _find_free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(60)
-    for r, res in got.items():
-        assert not isinstance(res, str), f"rank {r}: {res}"
+    two = in_processes(_case_on_own_half)
     one = run_case([0, 1, 2, 3])
-    two = [got[0], got[1]]
     assert set(one["losses"]) == {"loss_kd_fgd_fg", "loss_kd_fgd_bg", "loss_kd_fgd_att", "loss_kd_fgd_global"}
     for k, v in one["losses"].items():
         assert v > 0 and (two[0]["losses"][k] + two[1]["losses"][k]) / 2 == pytest.approx(v, rel=1e-9), k

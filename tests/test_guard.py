@@ -13,7 +13,7 @@ import statistics
 
 import pytest
 
-from conftest import REPO, SYN, TINY_OPTS
+from conftest import REPO, SYN, TINY_OPTS, in_processes
 
 SERIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "guard_series")
 
@@ -265,14 +265,13 @@ def test_a_term_that_grows_with_the_detection_losses_is_diagnosed_as_divergence(
 
 
 # ------------------------------------------------------------------ the hook in a run
-def _two_process_worker(rank, port, q):
-    import torch.distributed as dist
+def _guard_run(rank, world):
+    """(iteration, message) of the FloatingPointError the hook raises in this process ((None, "trained on"): none)."""
     from detectron2.utils.events import EventStorage
 
     from conftest import tiny_cfg
     from distill_d2.hooks import LossGuard
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     hook = LossGuard(tiny_cfg("faster_rcnn_R18_student.yaml", "GUARD.WINDOW", "1"))
 
     class Trainer:  # what the hook reads of detectron2's trainer
@@ -287,26 +286,15 @@ def _two_process_worker(rank, port, q):
                 if rank == 0:  # as in detectron2: only the main process logs the (gathered) losses
                     storage.put_scalar("loss_cls", loss)
                 hook.after_step()
-            q.put((rank, None, "trained on"))
+            return None, "trained on"
         except FloatingPointError as e:
-            q.put((rank, it, str(e)))
-    dist.destroy_process_group()
+            return it, str(e)
 
 
 def test_every_process_stops_at_the_same_iteration():
     """Only the main process sees the logged losses: its decision reaches the others, which raise the
     same error at the same step instead of waiting in the next all-reduce."""
-    import torch.multiprocessing as mp
-    from detectron2.engine.launch import _find_free_port
-
-    ctx = mp.get_context("spawn")
-    q, port = ctx.Queue(), _find_free_port()
-    procs = [ctx.Process(target=_two_process_worker, args=(r, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict((r, (it, msg)) for r, it, msg in (q.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(60)
+    got = in_processes(_guard_run)
     assert got[0] == got[1] and got[0][0] == 3, got
     assert got[0][1].startswith("Training diverges: the detection losses rose to 9 at iteration 3")
 

@@ -11,7 +11,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import tiny_cfg
+from conftest import in_processes, tiny_cfg
 from distill_d2.data.resumable import TrainingState
 from distill_d2.errors import DistillConfigError, TeacherError
 from distill_d2.export import student_state_dict
@@ -239,35 +239,13 @@ def run_images(images):
             {k: p.grad.numpy().copy() for k, p in term.named_parameters()})
 
 
-def _worker(rank, world, port, q):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        q.put((rank, run_images(SPLIT[rank])))
-    except Exception as e:  # (a failure in the child shows up in the test, not as a timeout)
-        q.put((rank, repr(e)))
-    dist.destroy_process_group()
+def _own_share(rank, world):
+    return run_images(SPLIT[rank])
 
 
 def test_one_and_two_processes_agree_with_the_same_masks():
-    import torch.multiprocessing as mp
-
-    from detectron2.engine.launch import _find_free_port
-
-    spawn = mp.get_context("spawn")
-    q = spawn.Queue()
-    port = _find_free_port()
-    procs = [spawn.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(60)
-    assert not any(isinstance(v, str) for v in got.values()), got
+    two = in_processes(_own_share)
     loss, inputs, params = run_images([0, 1, 2, 3])
-    two = [got[0], got[1]]
     assert (two[0][0] + two[1][0]) / 2 == pytest.approx(loss, rel=1e-10)  # what detectron2 logs / DDP optimises
     assert two[0][0] != pytest.approx(two[1][0], rel=1e-3)  # the shares differ
     for k, g in inputs.items():  # each process's gradient on its own images, / W

@@ -10,6 +10,7 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 
+from conftest import in_processes
 from distill_d2.errors import DistillConfigError, TeacherError
 from distill_d2.losses import channel_moments, standardize_channels
 from distill_d2.methods.pkd import PearsonFeatureKD, pearson_feature_losses
@@ -175,42 +176,15 @@ def run_case(stats, images):
             "params": {k: p.grad.clone() for k, p in term.named_parameters()}}
 
 
-def _worker(rank, world, port, q):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        res = {s: run_case(s, [2 * rank, 2 * rank + 1]) for s in ("global", "per_process")}
-        q.put((rank, {s: {k: ({n: g.numpy() for n, g in v.items()} if isinstance(v, dict) else v)
-                          for k, v in r.items()} for s, r in res.items()}))
-    except Exception as e:  # (a failure in the child shows up in the test, not as a timeout)
-        q.put((rank, repr(e)))
-    dist.destroy_process_group()
-
-
-def two_processes(worker):
-    """{rank: what ``worker`` put} of two gloo CPU processes."""
-    import torch.multiprocessing as mp
-
-    from detectron2.engine.launch import _find_free_port
-
-    c = mp.get_context("spawn")
-    q = c.Queue()
-    port = _find_free_port()
-    procs = [c.Process(target=worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(60)
-    for r, res in got.items():
-        assert not isinstance(res, str), f"rank {r}: {res}"
-    return got
+def _both_stats_on_own_half(rank, world):
+    """{stats: run_case(stats, this process's 2 images)} with numpy gradients."""
+    res = {s: run_case(s, [2 * rank, 2 * rank + 1]) for s in ("global", "per_process")}
+    return {s: {k: ({n: g.numpy() for n, g in v.items()} if isinstance(v, dict) else v) for k, v in r.items()}
+            for s, r in res.items()}
 
 
 def test_one_and_two_processes():
-    two = two_processes(_worker)
+    two = in_processes(_both_stats_on_own_half)
     one = run_case("global", [0, 1, 2, 3])
     # global statistics: the mean over processes is the single-process loss, each process's input gradient
     # / 2 is the single-process gradient on its images, the averaged adapter gradient the single-process one

@@ -16,37 +16,22 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SYN, TINY_OPTS
+from conftest import REPO, SYN, TINY_OPTS, in_processes
 
 
-def _worker(rank, world, port, q):
-    import torch.distributed as dist
-
+def _normalize_own_half(rank, world):
+    """(value, gradient of the numerator) of batch_normalize on this process's numerator / denominator."""
     from distill_d2.losses import batch_normalize
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     num = torch.tensor([3.0, 5.0])[rank].requires_grad_()
     den = torch.tensor([1.0, 7.0])[rank]
     out = batch_normalize(num, den, min_den=1, eps=0.5)
     out.backward()
-    q.put((rank, out.item(), num.grad.item()))
-    dist.destroy_process_group()
+    return out.item(), num.grad.item()
 
 
 def test_batch_normalize_sums_the_denominator_over_processes():
-    import torch.multiprocessing as mp
-
-    from detectron2.engine.launch import _find_free_port
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _find_free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict((r, (v, g)) for r, v, g in (q.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(60)
+    got = in_processes(_normalize_own_half)
     # single process over both halves: (3 + 5) / (1 + 7 + 0.5); each process returns 2 * num_p / (8 + 0.5)
     assert (got[0][0] + got[1][0]) / 2 == pytest.approx(8 / 8.5, rel=1e-6)
     assert got[0][0] == pytest.approx(2 * 3 / 8.5) and got[1][1] == pytest.approx(2 / 8.5)  # averaged by DDP: 1/8.5
@@ -224,41 +209,20 @@ def _to_numpy(x):
     return x.detach().numpy().copy() if torch.is_tensor(x) else x
 
 
-def _terms_worker(rank, world, port, q):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        res = {name: run_term_case(name, [2 * rank, 2 * rank + 1]) for name in TERM_CASES}
-        q.put((rank, _to_numpy(res)))  # (numpy: pickled by value, not through shared memory)
-    except Exception as e:  # (a failure in the child shows up in the test, not as a timeout)
-        q.put((rank, repr(e)))
-    dist.destroy_process_group()
+def _term_cases_on_own_half(rank, world):
+    """{case: run_term_case(case, this process's 2 images)} with numpy gradients."""
+    res = {name: run_term_case(name, [2 * rank, 2 * rank + 1]) for name in TERM_CASES}
+    return _to_numpy(res)  # (numpy: pickled by value, not through shared memory)
 
 
 @pytest.fixture(scope="module")
 def two_process_terms():
     """{rank: {case: run_term_case(...)}} of two gloo CPU processes on images 0-1 and 2-3."""
-    import torch.multiprocessing as mp
-
-    from detectron2.engine.launch import _find_free_port
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _find_free_port()
-    procs = [ctx.Process(target=_terms_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(60)
-    for r, res in got.items():
-        assert not isinstance(res, str), f"rank {r}: {res}"
+    got = in_processes(_term_cases_on_own_half)
     tensors = lambda d: {k: torch.from_numpy(v) for k, v in d.items()}  # noqa: E731
     return {r: {c: dict(v, inputs=tensors(v["inputs"]), params=tensors(v["params"]),
                         running=None if v["running"] is None else torch.from_numpy(v["running"]))
-                for c, v in res.items()} for r, res in got.items()}
+                for c, v in res.items()} for r, res in enumerate(got)}
 
 
 def _own_rows(grad, rank, rows):
