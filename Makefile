@@ -24,6 +24,9 @@ test: setup
 # unchanged are reused and interrupted runs resume, so it can be run in pieces).
 JOBS ?= 1
 METHODS ?= TAR DeFeat Hinton FitNet HGD TBD
+# every method on main (the BCCD / NEU-DET benchmarks; CWD_logit is RetinaNet's dense-logit CWD)
+ALL_METHODS_FRCNN = $(METHODS) PKD CWD MGD FGD CrossKD
+ALL_METHODS_RETINANET = $(METHODS) PKD CWD CWD_logit MGD FGD CrossKD
 bench: setup
 	$(PY) -m distill_d2.demo --out output/bench --methods $(METHODS) --seeds 0 1 --reuse-runs --jobs $(JOBS)
 	$(PY) -m distill_d2.demo --out output/bench --suite retinanet --methods $(METHODS) --seeds 0 1 --reuse-runs --jobs $(JOBS)
@@ -49,7 +52,7 @@ REV ?= HEAD~1
 speed-vs: setup
 	bash .ci/speed_vs.sh $(REV)
 
-.PHONY: bench-neu gpu-check
+.PHONY: bench-neu bench-balance gpu-check
 
 # The NEU-DET benchmark (docs/RESULTS.md): ../shared/data/NEU-DET (1,800 grayscale 200x200 steel-surface
 # images, 6 classes, VOC layout; fixed splits train 1,200 + val 240 = trainval, test 360). Every method on
@@ -74,7 +77,8 @@ speed-vs: setup
 # anchors), students 300 iterations (3x: 900), teacher 1,500 (5 epochs, 1.7x the 3x baseline's, so that it
 # can beat the 3x baseline on val; if it does not by >= 3 AP, raise NEU_TEACHER_ITERS, judging on val only).
 NEU ?= ../shared/data/NEU-DET
-NEU_METHODS ?= $(METHODS)
+NEU_METHODS_FRCNN ?= $(ALL_METHODS_FRCNN)
+NEU_METHODS_RETINANET ?= $(ALL_METHODS_RETINANET)
 NEU_LONG_FRCNN ?= TBD DeFeat
 NEU_LONG_RETINANET ?= Hinton TAR
 NEU_SIZE ?= 160
@@ -84,11 +88,30 @@ NEU_JOBS ?= 2
 NEU_OPTS = INPUT.MIN_SIZE_TRAIN "($(NEU_SIZE),)" INPUT.MAX_SIZE_TRAIN $(NEU_SIZE) INPUT.MIN_SIZE_TEST $(NEU_SIZE) \
 	INPUT.MAX_SIZE_TEST $(NEU_SIZE) SOLVER.IMS_PER_BATCH 4 SOLVER.BASE_LR 0.01
 NEU_ARGS = --data $(NEU) --data-name neu --train-split train --eval-split test --heldout-split val \
-	--baselines iter compute long --methods $(NEU_METHODS) --seeds $(SEEDS) --jobs $(NEU_JOBS) \
+	--baselines iter compute long --seeds $(SEEDS) --jobs $(NEU_JOBS) \
 	--teacher-iters $(NEU_TEACHER_ITERS) --student-iters $(NEU_STUDENT_ITERS) --reuse-runs --out output/neu
 bench-neu: setup
-	$(PY) -m distill_d2.demo --suite frcnn $(NEU_ARGS) --long-methods $(NEU_LONG_FRCNN) --opts $(NEU_OPTS)
-	$(PY) -m distill_d2.demo --suite retinanet $(NEU_ARGS) --long-methods $(NEU_LONG_RETINANET) --opts $(NEU_OPTS)
+	$(PY) -m distill_d2.demo --suite retinanet $(NEU_ARGS) --methods $(NEU_METHODS_RETINANET) \
+	  --long-methods $(NEU_LONG_RETINANET) --opts $(NEU_OPTS)
+	$(PY) -m distill_d2.demo --suite frcnn $(NEU_ARGS) --methods $(NEU_METHODS_FRCNN) \
+	  --long-methods $(NEU_LONG_FRCNN) --opts $(NEU_OPTS)
+
+# DISTILL.BALANCE against the presets' weights (issue 20; docs/RESULTS.md): BCCD, both detectors, every
+# method M as its preset and as M:balance (the preset + calibrate-then-freeze balancing, its window moved
+# forward to fit the 300-iteration students), 3 seeds, the same protocol and folder as bench-bccd (the
+# preset runs are shared with it). The report adds each variant's gain over its method, with intervals.
+# About 2 x the cost of bench-bccd with every method (~7 h on 2 CPU cores; resumable).
+BALANCE_VARIANT = balance DISTILL.BALANCE.ENABLED True DISTILL.BALANCE.START 20 DISTILL.BALANCE.WINDOW 40 \
+	DISTILL.BALANCE.EVERY 4
+bench-balance: setup
+	$(PY) -m distill_d2.demo --data $(DATA) --data-name bccd --train-split trainval --eval-split test --suite frcnn \
+	  --methods $(foreach m,$(ALL_METHODS_FRCNN),$(m) $(m):balance) --variant $(BALANCE_VARIANT) \
+	  --seeds $(SEEDS) --jobs $(JOBS) --teacher-iters 1000 --student-iters 300 --reuse-runs --out output/bccd \
+	  --opts $(BCCD_OPTS)
+	$(PY) -m distill_d2.demo --data $(DATA) --data-name bccd --train-split trainval --eval-split test \
+	  --suite retinanet --methods $(foreach m,$(ALL_METHODS_RETINANET),$(m) $(m):balance) \
+	  --variant $(BALANCE_VARIANT) --seeds $(SEEDS) --jobs $(JOBS) --teacher-iters 1000 --student-iters 300 \
+	  --reuse-runs --out output/bccd --opts $(BCCD_OPTS)
 
 # GPU check (distill_d2/gpu_check.py, about 6 minutes on one H100/H200): every synthetic preset 20 iterations
 # on CUDA under SOLVER.AMP, step-cost ratios on CUDA, peak GPU memory, into GPU_OUT. Only where a GPU is lent;

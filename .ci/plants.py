@@ -20,9 +20,22 @@ T_TERMS, T_REG, T_HOOKS = "tests/test_terms.py", "tests/test_regression.py", "te
 T_HGD, T_TBD, T_GUARD = "tests/test_hgd.py", "tests/test_tbd.py", "tests/test_guard.py"
 T_RECORD, T_CROSSKD = "tests/test_record.py", "tests/test_crosskd.py"
 T_BALANCE = "tests/test_balance.py"
+T_PREFLIGHT = "tests/test_preflight.py"
 
 # name, file, old snippet, new snippet, tests to run
 PLANTS = [
+    # ---- issue 20: the pre-flight report
+    ("preflight: share of the terms only (detection left out of the total)", "distill_d2/preflight.py",
+     "    total = det_g + sum(grads.values())", "    total = sum(grads.values())", [T_PREFLIGHT]),
+    ("preflight: mean instead of median over the steps", "distill_d2/preflight.py",
+     "    det_g = statistics.median(s[\"measure\"][\"det\"] for s in samples)",
+     "    det_g = statistics.mean(s[\"measure\"][\"det\"] for s in samples)", [T_PREFLIGHT]),
+    ("preflight: swamping threshold 1000 instead of 100", "distill_d2/preflight.py",
+     "        elif ratio > 100 or ratio < 0.01:", "        elif ratio > 1000 or ratio < 0.01:", [T_PREFLIGHT]),
+    ("preflight: ratio flags also with balancing on", "distill_d2/preflight.py",
+     "        elif balancing:\n            continue", "        elif False:\n            continue", [T_PREFLIGHT]),
+    ("preflight: teacher AP threshold ignored", "distill_d2/preflight.py",
+     "        if not ap[\"AP\"] >= min_teacher_ap:", "        if ap[\"AP\"] < -1:", [T_PREFLIGHT]),
     # ---- issue 20: DISTILL.BALANCE
     ("balance: target not split over the terms", "distill_d2/balance.py",
      "    r = target / max(1, len(terms))", "    r = target", [T_BALANCE]),

@@ -344,6 +344,29 @@ def suite_presets(suite):
     return found
 
 
+def parse_variants(specs):
+    """{name: [KEY, VALUE, ...]} from ``--variant NAME KEY VALUE ...`` lists; ValueError on a bad one."""
+    out = {}
+    for spec in specs:
+        name, kv = spec[0], spec[1:]
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"--variant name {name!r}: use letters, digits, '-' or '_' (it names run folders)")
+        if not kv or len(kv) % 2:
+            raise ValueError(f"--variant {name}: give KEY VALUE pairs after the name (got {kv})")
+        if name in out:
+            raise ValueError(f"--variant {name} given twice")
+        out[name] = list(kv)
+    return out
+
+
+def split_variant(method, variants):
+    """("TAR", "balance") for "TAR:balance", ("TAR", None) for "TAR"; ValueError for an undeclared variant."""
+    base, _, var = method.partition(":")
+    if var and var not in variants:
+        raise ValueError(f"method {method!r}: no --variant {var} declared (declared: {', '.join(variants) or 'none'})")
+    return base, var or None
+
+
 def preset_path(suite, method):
     """configs/synthetic path of ``method``'s preset in ``suite`` (name matched case-insensitively);
     SystemExit listing the available ones when there is none."""
@@ -679,6 +702,10 @@ def write_report(out, suite, rows, seeds, dataset, title, note, *, factor=3.0, n
         if m not in gains:
             gains[m] = {"long run": gain(by[("method", m, "long")], base["long"])}
     base_change = gain(base["long"], base["1x"]) if base["long"] is not None else None
+    # a variant (method "M:NAME", --variant) against its method M, same schedule, same seeds
+    var_gains = {m: {s: gain(by.get(("method", m, s)), by.get(("method", m.partition(":")[0], s)))
+                     for s in ("1x", "long")} for m in dict.fromkeys(methods + long_methods) if ":" in m}
+    var_gains = {m: g for m, g in var_gains.items() if any(v is not None for v in g.values())}
 
     table_rows = [(r["name"], r["runs"]) for r in rows]
     md = [fmt_table(table_rows)]
@@ -694,6 +721,11 @@ def write_report(out, suite, rows, seeds, dataset, title, note, *, factor=3.0, n
                if counts is not None else "no per-image detections, so no intervals")
         md.append(f"AP gain of each method over each baseline (mean over seeds; {how}):\n\n"
                   + fmt_gains(gains, columns))
+    if var_gains:
+        cols = [(s, f"{h} vs its method {h}") for s, h in (("1x", "1x"), ("long", f))
+                if any(g[s] is not None for g in var_gains.values())]
+        md.append("AP gain of each variant over its method (same schedule and seeds; paired as above):\n\n"
+                  + fmt_gains(var_gains, cols).replace("| method |", "| variant |", 1))
     verdicts = protocol_lines(base_change, {m: gains[m].get("long run") for m in long_methods},
                               {m: gains[m].get("1x") for m in long_methods}, factor)
     if verdicts:
@@ -708,7 +740,8 @@ def write_report(out, suite, rows, seeds, dataset, title, note, *, factor=3.0, n
     with open(os.path.join(out, f"results_{suite}.json"), "w") as fh:
         json.dump({r["name"]: r["runs"] for r in rows}, fh, indent=2)
     with open(os.path.join(out, f"gains_{suite}.json"), "w") as fh:
-        json.dump({"columns": columns, "gains": gains, "baseline_1x_to_long": base_change, "n_images": n_img,
+        json.dump({"columns": columns, "gains": gains, "variants": var_gains, "baseline_1x_to_long": base_change,
+                   "n_images": n_img,
                    "n_resamples": n_resamples if counts is not None else 0, "seed": boot_seed, "seeds": seeds},
                   fh, indent=2)
     plot_results({r["name"]: r["runs"] for r in rows}, os.path.join(out, f"results_{suite}.png"), f"{title}, {suite}")
@@ -814,9 +847,18 @@ def main(argv=None):
                    help="with --data: a split that is not --eval-split (e.g. val) on which the teacher and the "
                         "baselines are also evaluated: the teacher's margin, for choosing settings without the "
                         "test split")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY VALUE"),
+                   help="a named set of overrides, trained as method 'M:NAME' (e.g. --variant balance "
+                        "DISTILL.BALANCE.ENABLED True --methods FitNet FitNet:balance); the report adds each "
+                        "variant's gain over its method. Repeatable")
     args = p.parse_args(argv)
     teacher_yaml, student_yaml, _ = SUITES[args.suite]
-    presets = {m: preset_path(args.suite, m) for m in dict.fromkeys(args.methods + args.long_methods)}
+    try:
+        variants = parse_variants(args.variant)
+        methods = dict.fromkeys(args.methods + args.long_methods)
+        presets = {m: preset_path(args.suite, split_variant(m, variants)[0]) for m in methods}
+    except ValueError as e:
+        p.error(str(e))
     baselines = list(args.baselines or (["iter", "compute", "long"] if args.data or args.coco_train else ["iter"]))
     if args.long_methods and "long" not in baselines:
         baselines.append("long")  # a long method is compared with the long baseline
@@ -921,8 +963,11 @@ def main(argv=None):
             compute_note = f"{args.compute_ratio:g} (the step-cost ratio given with --compute-ratio)"
         else:
             cache = os.path.join(out, STEP_COSTS_FILE.format(args.suite))
-            costs = step_costs(cache, student_cfg, presets, data_opts, student_threads, args.cost_iters,
+            plain = {m: c for m, c in presets.items() if ":" not in m}  # a variant costs what its method does
+            plain.update({split_variant(m, variants)[0]: c for m, c in presets.items() if ":" in m})
+            costs = step_costs(cache, student_cfg, plain, data_opts, student_threads, args.cost_iters,
                                measure=args.stage != "report")
+            costs.update({m: costs[split_variant(m, variants)[0]] for m in presets if ":" in m})
     compute_iters = iters
     if "compute" in baselines and costs:
         dearest = max(args.methods, key=lambda m: costs[m]["ratio"])
@@ -940,13 +985,14 @@ def main(argv=None):
         config = presets[method] if method else student_cfg
         name = row_name(kind, s_name, method, schedule, n, args.long_factor)
         dirs = []
+        extra = variants[split_variant(method, variants)[1]] if method and ":" in method else []
         for seed in args.seeds:
-            tag = method or "baseline"
+            tag = method.replace(":", "-") if method else "baseline"
             if n == iters:  # the 1x schedule (the same-compute baseline may fall on it, or on the long one)
                 d, opts = os.path.join(out, f"{args.suite}_{tag}_seed{seed}"), sched(args.student_iters)
             else:
                 d, opts = os.path.join(out, f"{args.suite}_{tag}_{n}it_seed{seed}"), scaled_schedule(iters, steps, n)
-            opts = opts + ["SEED", seed] + (["DISTILL.TEACHER.WEIGHTS", teacher_w] if method else [])
+            opts = opts + ["SEED", seed] + (["DISTILL.TEACHER.WEIGHTS", teacher_w] if method else []) + extra
             jobs.setdefault(d, (config, opts, f"{tag}{'' if n == iters else f' {n} it'} seed {seed}",
                                 n * costs.get(method, {}).get("ratio", 1.3 if method else 1.0)))
             dirs.append(d)

@@ -76,27 +76,16 @@ def main(argv=None):
         if teacher is None:
             raise SystemExit("--teacher-forward needs a distillation config among --configs")
     data = iter(build_detection_train_loader(data_cfg))
-    times = {name: [] for name, _, _ in models}
-    times["teacher forward"] = []
+    steps = [(name, train_step(model, opt)) for name, model, opt in models]
+    if teacher is not None:
+        steps.append(("teacher forward", inference_step(teacher)))
+
+    def progress(n):
+        if n % 10 == 0:
+            print(f"[speed] {n}/{args.iters} iterations", flush=True)
+
     with EventStorage():
-        for i in range(args.warmup + args.iters):
-            batch = next(data)
-            for name, model, opt in models:
-                t0 = time.perf_counter()
-                loss = sum(model(batch).values())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
-            if teacher is not None:
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    teacher([{k: v for k, v in x.items() if k != "instances"} for x in batch])
-                if i >= args.warmup:
-                    times["teacher forward"].append(time.perf_counter() - t0)
-            if i >= args.warmup and (i - args.warmup + 1) % 10 == 0:
-                print(f"[speed] {i - args.warmup + 1}/{args.iters} iterations", flush=True)
+        times = time_interleaved(steps, (next(data) for _ in range(args.warmup + args.iters)), args.warmup, progress)
     base = statistics.median(times[models[0][0]])
     t_fwd = statistics.median(times["teacher forward"]) if teacher is not None else None
     extra = f" ratio to {models[0][0]} + teacher forward |" if t_fwd else ""
@@ -108,6 +97,44 @@ def main(argv=None):
         print(f"| teacher forward (inference, no grad) | {t_fwd:.3f} | {t_fwd / base:.2f} | |")
     print(f"\n{args.iters} interleaved iterations after {args.warmup} warm-up, batch from {args.configs[0]}, "
           f"torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}.")
+
+
+def train_step(model, optimizer):
+    """fn(batch): one full train step of ``model`` (forward in its current mode, backward, ``optimizer`` step;
+    call it inside an EventStorage)."""
+    def step(batch):
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def inference_step(model):
+    """fn(batch): ``model``'s inference forward on ``batch`` without its annotations (no grad)."""
+    def step(batch):
+        with torch.no_grad():
+            model([{k: v for k, v in x.items() if k != "instances"} for x in batch])
+    return step
+
+
+def time_interleaved(steps, batches, warmup=0, progress=None):
+    """Run every ``(name, fn(batch))`` of ``steps`` in turn on each batch of ``batches`` (an iterable), so
+    machine noise hits them alike; returns {name: [seconds of each batch after the first ``warmup``]}
+    (wall clock, CUDA synchronised). ``progress(n)`` is called after the n-th timed batch."""
+    times = {name: [] for name, _ in steps}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for i, batch in enumerate(batches):
+        for name, fn in steps:
+            sync()
+            t0 = time.perf_counter()
+            fn(batch)
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+        if i >= warmup and progress is not None:
+            progress(i - warmup + 1)
+    return times
 
 
 def time_masks(images=2, boxes_per_image=50, size=(800, 1344), reps=21):

@@ -123,15 +123,20 @@ def test_benchmark_on_a_voc_folder_by_stage(tmp_path, datasets_dir):
             "SOLVER.STEPS", "()"]
     # the whole protocol (the default on a VOC folder): same-iteration, same-compute and 3x baselines, and
     # Hinton also at 3x; the step-cost ratio given (3: the same-compute baseline is the 3x one, trained once)
-    common = ["--out", str(out), "--data", str(voc), "--data-name", "tinyvoc", "--methods", "Hinton", "--seeds", "0",
-              "--long-methods", "Hinton", "--compute-ratio", "3", "--bootstrap", "50", "--opts"] + opts
+    # and a variant of Hinton (its preset + overrides, as method Hinton:t4), compared with Hinton
+    common = ["--out", str(out), "--data", str(voc), "--data-name", "tinyvoc", "--methods", "Hinton", "Hinton:t4",
+              "--seeds", "0", "--variant", "t4", "DISTILL.CLS.TEMPERATURE", "4.0", "--long-methods", "Hinton",
+              "--compute-ratio", "3", "--bootstrap", "50", "--opts"] + opts
     main(["--stage", "teacher"] + common)
     assert (out / "teacher_frcnn" / "model_final.pth").is_file() and not (out / "frcnn_baseline_seed0").exists()
     with pytest.raises(SystemExit, match="--stage report: Hinton 6 it seed 0 has no finished run"):
         main(["--stage", "report"] + common)  # (the longest run is checked, and trained, first)
     main(common)
-    assert sorted(p.name for p in out.glob("frcnn_*")) == ["frcnn_Hinton_6it_seed0", "frcnn_Hinton_seed0",
-                                                           "frcnn_baseline_6it_seed0", "frcnn_baseline_seed0"]
+    assert sorted(p.name for p in out.glob("frcnn_*")) == ["frcnn_Hinton-t4_seed0", "frcnn_Hinton_6it_seed0",
+                                                           "frcnn_Hinton_seed0", "frcnn_baseline_6it_seed0",
+                                                           "frcnn_baseline_seed0"]
+    assert "TEMPERATURE: 4.0" in (out / "frcnn_Hinton-t4_seed0" / "config.yaml").read_text()
+    assert "TEMPERATURE: 2.0" in (out / "frcnn_Hinton_seed0" / "config.yaml").read_text()
     assert "MAX_ITER: 6" in (out / "frcnn_baseline_6it_seed0" / "config.yaml").read_text()
     table = (out / "results_frcnn.md").read_text()
     assert "| Hinton faster_rcnn_R18 |" in table and "tinyvoc_val" in table
@@ -144,6 +149,10 @@ def test_benchmark_on_a_voc_folder_by_stage(tmp_path, datasets_dir):
     assert "- Baseline 1x -> 3x: AP change" in table and "- Hinton: gain" in table
     gains = json.loads((out / "gains_frcnn.json").read_text())
     assert gains["n_resamples"] == 50 and set(gains["gains"]["Hinton"]) == {"1x", "compute", "long", "long run"}
+    v = gains["variants"]["Hinton:t4"]
+    assert v["long"] is None and v["1x"]["gain"] == pytest.approx(
+        gains["gains"]["Hinton:t4"]["1x"]["gain"] - gains["gains"]["Hinton"]["1x"]["gain"], abs=1e-6)
+    assert "AP gain of each variant over its method" in table and "| Hinton:t4 | " in table
     wall = json.loads((out / "frcnn_baseline_6it_seed0" / "wall_time.json").read_text())
     assert wall["seconds"] > 0 and wall["segments"][0]["finished"]
     for png in ("predictions_frcnn.png", "gains_frcnn.png"):
@@ -291,6 +300,22 @@ def _fake_run(run_dir, dataset, missed, n=40):
     (d / f"{dataset}_coco_format.json").write_text(json.dumps(gt))
     (d / "coco_instances_results.json").write_text(json.dumps(dets))
     return dict(AP=_ap_missing(len(missed), n), AP50=0.0, AP75=0.0, APs=0.0, APm=0.0, APl=0.0, s_iter=1.0, wall_s=60.0)
+
+
+def test_variants_are_parsed_and_checked():
+    from distill_d2.demo import main, parse_variants, split_variant
+
+    v = parse_variants([["balance", "DISTILL.BALANCE.ENABLED", "True"], ["w2", "A", "1", "B", "2"]])
+    assert v == {"balance": ["DISTILL.BALANCE.ENABLED", "True"], "w2": ["A", "1", "B", "2"]}
+    assert split_variant("TAR:balance", v) == ("TAR", "balance") and split_variant("TAR", v) == ("TAR", None)
+    for bad, msg in (([["odd", "A"]], "KEY VALUE pairs"), ([["x"]], "KEY VALUE pairs"),
+                     ([["a/b", "A", "1"]], "letters, digits"), ([["d", "A", "1"], ["d", "B", "2"]], "twice")):
+        with pytest.raises(ValueError, match=msg):
+            parse_variants(bad)
+    with pytest.raises(ValueError, match="no --variant bal declared"):
+        split_variant("TAR:bal", v)
+    with pytest.raises(SystemExit):  # an undeclared variant stops the benchmark before anything runs
+        main(["--methods", "TAR:nope", "--out", "/nonexistent/never"])
 
 
 def test_report_gains_over_three_baselines_with_intervals_and_verdicts(tmp_path):
