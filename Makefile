@@ -52,7 +52,7 @@ REV ?= HEAD~1
 speed-vs: setup
 	bash .ci/speed_vs.sh $(REV)
 
-.PHONY: bench-neu bench-balance gpu-check
+.PHONY: bench-neu bench-balance preflight-neu gpu-check
 
 # The NEU-DET benchmark (docs/RESULTS.md): ../shared/data/NEU-DET (1,800 grayscale 200x200 steel-surface
 # images, 6 classes, VOC layout; fixed splits train 1,200 + val 240 = trainval, test 360). Every method on
@@ -95,6 +95,25 @@ bench-neu: setup
 	  --long-methods $(NEU_LONG_RETINANET) --opts $(NEU_OPTS)
 	$(PY) -m distill_d2.demo --suite frcnn $(NEU_ARGS) --methods $(NEU_METHODS_FRCNN) \
 	  --long-methods $(NEU_LONG_FRCNN) --opts $(NEU_OPTS)
+
+# Pre-flight report of every preset of a suite on NEU-DET (val), with the bench-neu teacher
+# (output/neu/teacher_<suite>/model_final.pth; run bench-neu's teacher stage first): each term's gradient
+# against the detection losses' at the start of a real-data run, and the factors DISTILL.BALANCE would choose.
+# Into output/preflight_neu/<suite>_<method>/, then one table (output/preflight_neu/summary_<suite>.md).
+PF_SUITE ?= retinanet
+PF_METHODS ?= $(if $(filter frcnn,$(PF_SUITE)),$(ALL_METHODS_FRCNN),$(ALL_METHODS_RETINANET))
+PF_PATTERN = $(if $(filter frcnn,$(PF_SUITE)),%s_R34_to_R18.yaml,%s_retinanet_R34_to_R18.yaml)
+PF_OPTS = $(NEU_OPTS) DATASETS.VOC "[['neu', '$(abspath $(NEU))']]" DATASETS.TRAIN "('neu_train',)" \
+	DATASETS.TEST "('neu_val',)" MODEL.ROI_HEADS.NUM_CLASSES 6 MODEL.RETINANET.NUM_CLASSES 6 \
+	DISTILL.TEACHER.WEIGHTS output/neu/teacher_$(PF_SUITE)/model_final.pth
+preflight-neu: setup
+	@mkdir -p output/preflight_neu; for m in $(PF_METHODS); do f=configs/synthetic/$$(printf '$(PF_PATTERN)' $$(echo $$m | tr A-Z a-z)); \
+	  echo "[preflight-neu] $$m ($$f)"; \
+	  $(PY) -m distill_d2.preflight --config-file $$f --out output/preflight_neu/$(PF_SUITE)_$$m --steps 6 \
+	    --val-images 16 --time-steps 3 $(PF_OPTS) > output/preflight_neu/$(PF_SUITE)_$$m.log 2>&1 \
+	    || echo "  exit $$? (red flag or error: see output/preflight_neu/$(PF_SUITE)_$$m/preflight.md)"; done
+	$(PY) -m distill_d2.preflight summary $(foreach m,$(PF_METHODS),output/preflight_neu/$(PF_SUITE)_$(m)) \
+	  | tee output/preflight_neu/summary_$(PF_SUITE).md
 
 # DISTILL.BALANCE against the presets' weights (issue 20; docs/RESULTS.md): BCCD, both detectors, every
 # method M as its preset and as M:balance (the preset + calibrate-then-freeze balancing, its window moved

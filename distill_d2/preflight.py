@@ -26,7 +26,7 @@ Checks, in order (each section of ``preflight.md``; a red flag makes the exit st
    peak resident set, both models and the data included).
 
 Writes ``preflight.md``, ``preflight.json`` and ``preflight_grad_shares.png`` (bar chart of the shares)
-into ``--out``.
+into ``--out``. ``python -m distill_d2.preflight summary DIR ...`` prints one table of several reports.
 """
 import argparse
 import copy
@@ -348,6 +348,24 @@ def _run(rep, config_file, opts, out, steps, val_images, min_teacher_ap, time_st
                          "iterations).", "", f"Peak memory: {peak}."])
 
 
+def summary_table(dirs):
+    """Markdown table, one row per pre-flight folder in ``dirs`` (their preflight.json): config, each term's
+    ratio to the detection gradient and share, the factor balancing would choose, the flags."""
+    lines = ["| config | term | raw value | x detection (gradient) | share | balance factor | flags |",
+             "|---|---|---|---|---|---|---|"]
+    for d in dirs:
+        with open(os.path.join(d, "preflight.json")) as f:
+            data = json.load(f)
+        flags = "; ".join(f"{lvl}: {t.split(':')[0]}" for lvl, t in data["flags"]) or "none"
+        name = os.path.basename(data["config_file"])
+        for r in data.get("scale", [])[1:] or [{"term": "(no loss-scale rows)"}]:
+            lines.append(f"| `{name}` | {r['term']} | {_fmt(r.get('value'), '.3g')} | {_fmt(r.get('ratio'), '.3g')} | "
+                         f"{100 * r['share']:.0f}% | {_fmt(r.get('factor'), '.3g')} | {flags} |"
+                         if "share" in r else f"| `{name}` | {r['term']} | | | | | {flags} |")
+            name, flags = "", ""
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     from .cli import add_override_arguments, parse_args as parse_cli
 
@@ -368,9 +386,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Exit status: 0 (ok / yellow), 2 (a red flag)."""
+    """Exit status: 0 (ok / yellow), 2 (a red flag). ``summary DIR ...``: print the table of finished reports."""
     from detectron2.utils.logger import setup_logger
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["summary"]:
+        print(summary_table(argv[1:]))
+        return 0
     args = parse_args(argv)
     setup_logger(name="distill_d2")
     setup_logger(name="detectron2")

@@ -85,6 +85,11 @@ def test_random_teacher_is_red_and_the_page_and_plot_are_written(tmp_path, make_
     assert all(r["grad"] > 0 for r in data["scale"])
     assert sum(r["share"] for r in data["scale"]) == pytest.approx(1.0)
     assert data["cost"]["ratio"] > 0 and os.path.getsize(os.path.join(out, "preflight_grad_shares.png")) > 1000
+    # several reports in one table (python -m distill_d2.preflight summary DIR ...)
+    mgd = data["scale"][1]
+    row = preflight.summary_table([out]).splitlines()[2]
+    assert row.startswith(f"| `mgd_retinanet_R34_to_R18.yaml` | MaskedGenerativeKD | {mgd['value']:.3g} | "
+                          f"{mgd['ratio']:.3g} | {100 * mgd['share']:.0f}% | {mgd['factor']:.3g} | red: the teacher's AP")
 
 
 def test_missing_key_and_a_swamping_weight_are_red(tmp_path, make_ckpt):
