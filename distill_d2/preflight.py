@@ -351,18 +351,19 @@ def _run(rep, config_file, opts, out, steps, val_images, min_teacher_ap, time_st
 def summary_table(dirs):
     """Markdown table, one row per pre-flight folder in ``dirs`` (their preflight.json): config, each term's
     ratio to the detection gradient and share, the factor balancing would choose, the flags."""
-    lines = ["| config | term | raw value | x detection (gradient) | share | balance factor | flags |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | term | raw value | x detection (gradient) | share | balance factor | step cost | flags |",
+             "|---|---|---|---|---|---|---|---|"]
     for d in dirs:
         with open(os.path.join(d, "preflight.json")) as f:
             data = json.load(f)
         flags = "; ".join(f"{lvl}: {t.split(':')[0]}" for lvl, t in data["flags"]) or "none"
-        name = os.path.basename(data["config_file"])
+        name = f"`{os.path.basename(data['config_file'])}`"
+        cost = f"{data['cost']['ratio']:.2f}x" if "cost" in data else ""
         for r in data.get("scale", [])[1:] or [{"term": "(no loss-scale rows)"}]:
-            lines.append(f"| `{name}` | {r['term']} | {_fmt(r.get('value'), '.3g')} | {_fmt(r.get('ratio'), '.3g')} | "
-                         f"{100 * r['share']:.0f}% | {_fmt(r.get('factor'), '.3g')} | {flags} |"
-                         if "share" in r else f"| `{name}` | {r['term']} | | | | | {flags} |")
-            name, flags = "", ""
+            lines.append(f"| {name} | {r['term']} | {_fmt(r.get('value'), '.3g')} | {_fmt(r.get('ratio'), '.3g')} | "
+                         f"{100 * r['share']:.0f}% | {_fmt(r.get('factor'), '.3g')} | {cost} | {flags} |"
+                         if "share" in r else f"| {name} | {r['term']} | | | | | {cost} | {flags} |")
+            name, flags, cost = "", "", ""
     return "\n".join(lines)
 
 

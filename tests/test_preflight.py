@@ -89,7 +89,8 @@ def test_random_teacher_is_red_and_the_page_and_plot_are_written(tmp_path, make_
     mgd = data["scale"][1]
     row = preflight.summary_table([out]).splitlines()[2]
     assert row.startswith(f"| `mgd_retinanet_R34_to_R18.yaml` | MaskedGenerativeKD | {mgd['value']:.3g} | "
-                          f"{mgd['ratio']:.3g} | {100 * mgd['share']:.0f}% | {mgd['factor']:.3g} | red: the teacher's AP")
+                          f"{mgd['ratio']:.3g} | {100 * mgd['share']:.0f}% | {mgd['factor']:.3g} | "
+                          f"{data['cost']['ratio']:.2f}x | red: the teacher's AP")
 
 
 def test_missing_key_and_a_swamping_weight_are_red(tmp_path, make_ckpt):
