@@ -122,15 +122,13 @@ preflight-neu: setup
 # About 2 x the cost of bench-bccd with every method (~7 h on 2 CPU cores; resumable).
 BALANCE_VARIANT = balance DISTILL.BALANCE.ENABLED True DISTILL.BALANCE.START 20 DISTILL.BALANCE.WINDOW 40 \
 	DISTILL.BALANCE.EVERY 4
+BALANCE_ARGS = --data $(DATA) --data-name bccd --train-split trainval --eval-split test --variant $(BALANCE_VARIANT) \
+	--seeds $(SEEDS) --jobs $(JOBS) --teacher-iters 1000 --student-iters 300 --reuse-runs --out output/bccd
 bench-balance: setup
-	$(PY) -m distill_d2.demo --data $(DATA) --data-name bccd --train-split trainval --eval-split test --suite frcnn \
-	  --methods $(foreach m,$(ALL_METHODS_FRCNN),$(m) $(m):balance) --variant $(BALANCE_VARIANT) \
-	  --seeds $(SEEDS) --jobs $(JOBS) --teacher-iters 1000 --student-iters 300 --reuse-runs --out output/bccd \
+	$(PY) -m distill_d2.demo --suite frcnn $(BALANCE_ARGS) --methods $(foreach m,$(ALL_METHODS_FRCNN),$(m) $(m):balance) \
 	  --opts $(BCCD_OPTS)
-	$(PY) -m distill_d2.demo --data $(DATA) --data-name bccd --train-split trainval --eval-split test \
-	  --suite retinanet --methods $(foreach m,$(ALL_METHODS_RETINANET),$(m) $(m):balance) \
-	  --variant $(BALANCE_VARIANT) --seeds $(SEEDS) --jobs $(JOBS) --teacher-iters 1000 --student-iters 300 \
-	  --reuse-runs --out output/bccd --opts $(BCCD_OPTS)
+	$(PY) -m distill_d2.demo --suite retinanet $(BALANCE_ARGS) \
+	  --methods $(foreach m,$(ALL_METHODS_RETINANET),$(m) $(m):balance) --opts $(BCCD_OPTS)
 
 # GPU check (distill_d2/gpu_check.py, about 6 minutes on one H100/H200): every synthetic preset 20 iterations
 # on CUDA under SOLVER.AMP, step-cost ratios on CUDA, peak GPU memory, into GPU_OUT. Only where a GPU is lent;

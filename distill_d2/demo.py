@@ -963,11 +963,10 @@ def main(argv=None):
             compute_note = f"{args.compute_ratio:g} (the step-cost ratio given with --compute-ratio)"
         else:
             cache = os.path.join(out, STEP_COSTS_FILE.format(args.suite))
-            plain = {m: c for m, c in presets.items() if ":" not in m}  # a variant costs what its method does
-            plain.update({split_variant(m, variants)[0]: c for m, c in presets.items() if ":" in m})
-            costs = step_costs(cache, student_cfg, plain, data_opts, student_threads, args.cost_iters,
-                               measure=args.stage != "report")
-            costs.update({m: costs[split_variant(m, variants)[0]] for m in presets if ":" in m})
+            base = {m: split_variant(m, variants)[0] for m in presets}  # a variant costs what its method does
+            costs = step_costs(cache, student_cfg, {b: presets[m] for m, b in base.items()}, data_opts,
+                               student_threads, args.cost_iters, measure=args.stage != "report")
+            costs = {m: costs[b] for m, b in base.items()}
     compute_iters = iters
     if "compute" in baselines and costs:
         dearest = max(args.methods, key=lambda m: costs[m]["ratio"])

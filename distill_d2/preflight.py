@@ -110,13 +110,16 @@ def subset_dataset(name, n):
 @torch.no_grad()
 def teacher_ap(teacher, tcfg, dataset, n, out_dir):
     """{"AP", "AP50" (COCO box, %), "note"} of ``teacher`` on the first ``n`` images of ``dataset`` (0 and a
-    note when it detects nothing)."""
+    note when it detects nothing); through :func:`distill_d2.teacher.evaluate_teacher`, as TeacherEvalHook."""
     from detectron2.data import build_detection_test_loader
-    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+    from detectron2.evaluation import COCOEvaluator
+
+    from .teacher import evaluate_teacher
 
     sub = subset_dataset(dataset, n)
-    evaluator = COCOEvaluator(sub, tasks=("bbox",), output_dir=os.path.join(out_dir, "teacher_eval"))
-    res = inference_on_dataset(teacher, build_detection_test_loader(tcfg, sub), evaluator)
+    res = evaluate_teacher(teacher, tcfg, [sub], build_test_loader=build_detection_test_loader,
+                           build_evaluator=lambda name: COCOEvaluator(
+                               name, tasks=("bbox",), output_dir=os.path.join(out_dir, "teacher_eval")))[sub]
     box = res.get("bbox") or {}
     if not box or not math.isfinite(box.get("AP", float("nan"))):  # COCOEvaluator's "no predictions": NaNs
         return {"AP": 0.0, "AP50": 0.0, "note": "no detections above the teacher's score threshold"}
@@ -241,7 +244,8 @@ def _run(rep, config_file, opts, out, steps, val_images, min_teacher_ap, time_st
     from .export import student_cfg_from
     from .speed import time_interleaved, train_step
 
-    cfg = load_cfg(config_file, ["MODEL.DEVICE", "cpu"] + list(opts))
+    opts = ["MODEL.DEVICE", "cpu"] + list(opts)
+    cfg = load_cfg(config_file, opts)
     if not is_distiller_arch(cfg.MODEL.META_ARCHITECTURE):
         raise ValueError(f"{config_file} is not a distillation config (MODEL.META_ARCHITECTURE "
                          f"{cfg.MODEL.META_ARCHITECTURE}): the pre-flight checks a teacher/student pair.")
@@ -261,8 +265,8 @@ def _run(rep, config_file, opts, out, steps, val_images, min_teacher_ap, time_st
                       "parameters would stay random. Check DISTILL.TEACHER.WEIGHTS / CONFIG_FILE")
     elif keys["unexpected"]:
         rep.flag(YELLOW, f"the teacher checkpoint has {len(keys['unexpected'])} keys its model does not use")
-    if not cfg.DISTILL.TEACHER.STRICT_LOAD or keys["missing"] or keys["shapes"] or keys["unexpected"]:
-        cfg = load_cfg(config_file, ["MODEL.DEVICE", "cpu"] + list(opts) + ["DISTILL.TEACHER.STRICT_LOAD", "False"])
+    if cfg.DISTILL.TEACHER.STRICT_LOAD and (keys["missing"] or keys["shapes"] or keys["unexpected"]):
+        cfg = load_cfg(config_file, opts + ["DISTILL.TEACHER.STRICT_LOAD", "False"])  # report what such a run does
 
     # build: every build-time check of a training run (class count, strides, anchors, channels)
     torch.manual_seed(0)
